@@ -1,0 +1,41 @@
+"""instantid-lab: learn, test and extend InstantID.
+
+Modules, one concept each (the paper's terms):
+
+- `images`         reading any image as upright RGB
+- `face_analysis`  the identity embedding and the 5 keypoints (insightface or dlib)
+- `keypoints`      the keypoint image IdentityNet sees, and keypoint geometry
+- `embeddings`     similarity and averaging of identity embeddings
+- `adapter`        the image projection (Resampler) that makes identity tokens
+- `attention`      decoupled cross-attention (text + scale * identity)
+- `checkpoint`     safe loading and saving of the released adapter weights
+- `identitynet`    the ControlNet on keypoints that sees identity tokens
+- `pipeline`       `InstantIDPipeline`, a diffusers pipeline
+- `tiny`           tiny random components, for tests only
+
+Heavy modules (torch, diffusers) are imported on first use, so `import instantid_lab` is cheap.
+"""
+
+from .errors import (
+    CheckpointError,
+    ImageReadError,
+    InputError,
+    LabError,
+    ModelFilesMissingError,
+    NoFaceError,
+    UnsafeCheckpointError,
+)
+from .images import load_image
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ImageReadError",
+    "InputError",
+    "LabError",
+    "ModelFilesMissingError",
+    "NoFaceError",
+    "UnsafeCheckpointError",
+    "load_image",
+]
