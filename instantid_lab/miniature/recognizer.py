@@ -1,0 +1,150 @@
+"""Toy face recognisers for the miniature: small CNNs trained with an additive angular margin (ArcFace).
+
+The miniature needs two of them, like the real kit: one whose embedding conditions generation (the
+role antelopev2 plays for InstantID) and a *different* one that only evaluates identity
+preservation (the role an independent face model plays in later papers' metrics). They differ in
+seed and width (`RecognizerConfig.conditioner()` vs `.evaluator()`).
+
+ArcFace loss (Deng et al. 2019): with unit embedding x and unit class centres W_j,
+cos(theta_j) = W_j . x; the logit of the true class y becomes s * cos(theta_y + m), the others
+s * cos(theta_j); then ordinary cross-entropy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .world import TRAIN_IDS, Caption, Pose, render_id
+
+
+@dataclass
+class RecognizerConfig:
+    """A small CNN: conv blocks of `widths`, each halving the resolution, then a linear embedding."""
+
+    widths: tuple = (32, 64, 128)
+    embedding_dim: int = 64
+    image_size: int = 32
+    seed: int = 0
+
+    @classmethod
+    def conditioner(cls) -> "RecognizerConfig":
+        return cls(widths=(32, 64, 128), embedding_dim=64, seed=0)
+
+    @classmethod
+    def evaluator(cls) -> "RecognizerConfig":
+        return cls(widths=(24, 48, 96, 128), embedding_dim=64, seed=1)
+
+    @classmethod
+    def tiny(cls) -> "RecognizerConfig":
+        return cls(widths=(8, 16), embedding_dim=16, seed=0)
+
+
+class FaceRecognizer(nn.Module):
+    """Image [B, 3, H, W] in [-1, 1] -> raw embedding [B, embedding_dim] (compare with cosine)."""
+
+    def __init__(self, config: RecognizerConfig = RecognizerConfig()):
+        super().__init__()
+        self.config = config
+        blocks, in_ch = [], 3
+        for width in config.widths:
+            blocks += [nn.Conv2d(in_ch, width, 3, padding=1), nn.BatchNorm2d(width), nn.SiLU(),
+                       nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.SiLU(), nn.MaxPool2d(2)]
+            in_ch = width
+        self.features = nn.Sequential(*blocks)
+        self.embed = nn.Linear(in_ch, config.embedding_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.features(images)  # [B, C, h, w]
+        return self.embed(x.mean(dim=(2, 3)))  # global average pool -> [B, C] -> [B, E]
+
+
+def arcface_logits(embeddings: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor,
+                   s: float = 30.0, m: float = 0.35) -> torch.Tensor:
+    """ArcFace logits: s * cos(theta_y + m) for the true class, s * cos(theta_j) for the others.
+
+    :param embeddings: shape [B, E] (any norm)
+    :param centres: class centres, shape [K, E] (any norm)
+    :param labels: class index per row, shape [B]
+    """
+    cos = F.normalize(embeddings, dim=1) @ F.normalize(centres, dim=1).T  # [B, K]
+    theta_y = torch.acos(cos.gather(1, labels[:, None]).clamp(-1 + 1e-6, 1 - 1e-6))  # [B, 1]
+    return s * cos.scatter(1, labels[:, None], torch.cos(theta_y + m))
+
+
+def images_to_tensor(images: Sequence) -> torch.Tensor:
+    """PIL images -> float tensor [B, 3, H, W] in [-1, 1]."""
+    array = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # [B, H, W, 3]
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def render_training_set(n_identities: int, renders_per_identity: int, seed: int, size: int = 32):
+    """Pre-render `n_identities` x `renders_per_identity` faces with random pose and caption.
+
+    :returns: (images [N, 3, size, size] in [-1, 1], labels [N] in [0, n_identities))
+    """
+    rng = np.random.default_rng(seed)
+    ids = list(TRAIN_IDS)[:n_identities]
+    samples, labels = [], []
+    for label, identity_id in enumerate(ids):
+        for _ in range(renders_per_identity):
+            samples.append(render_id(identity_id, Pose.sample(rng), Caption.sample(rng), size).image)
+            labels.append(label)
+    return images_to_tensor(samples), torch.tensor(labels)
+
+
+def train_recognizer(config: RecognizerConfig, images: torch.Tensor, labels: torch.Tensor,
+                     steps: int = 1000, batch_size: int = 256, lr: float = 2e-3,
+                     progress: bool = True) -> tuple[FaceRecognizer, list[float]]:
+    """Train a `FaceRecognizer` with the ArcFace loss on pre-rendered faces; returns it and the loss curve."""
+    torch.manual_seed(config.seed)
+    model = FaceRecognizer(config)
+    centres = nn.Parameter(torch.randn(int(labels.max()) + 1, config.embedding_dim))
+    optimizer = torch.optim.AdamW(list(model.parameters()) + [centres], lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(config.seed)
+    losses = []
+    model.train()
+    for _ in tqdm(range(steps), desc="recognizer", disable=not progress):
+        index = torch.randint(len(labels), (batch_size,), generator=generator)
+        loss = F.cross_entropy(arcface_logits(model(images[index]), centres, labels[index]), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    return model.eval(), losses
+
+
+@torch.no_grad()
+def embed_images(model: FaceRecognizer, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Unit-norm embeddings [N, E] of images [N, 3, H, W] in [-1, 1]."""
+    model.eval()
+    out = [model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return F.normalize(torch.cat(out), dim=1)
+
+
+def verification_scores(embeddings: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Same-identity vs different-identity cosine statistics and TAR at FAR 1e-3 over all pairs."""
+    sims = embeddings @ embeddings.T  # [N, N]
+    same = labels[:, None] == labels[None, :]
+    upper = torch.triu(torch.ones_like(same), diagonal=1)
+    genuine, impostor = sims[same & upper], sims[~same & upper]
+    threshold = torch.quantile(impostor, 1 - 1e-3) if impostor.numel() else torch.tensor(1.0)
+    return {
+        "same_mean": genuine.mean().item(),
+        "different_mean": impostor.mean().item(),
+        "tar_at_far_1e-3": (genuine > threshold).float().mean().item(),
+        "threshold": threshold.item(),
+    }
+
+
+def config_dict(config: RecognizerConfig) -> dict:
+    """`config` as a plain dict (for safetensors metadata and model cards)."""
+    return asdict(config)
