@@ -1,0 +1,70 @@
+"""`get_face_analyzer`: pick and build a backend."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+from ..errors import InputError
+from .base import FaceAnalyzer
+from .dlib_backend import DlibConfig, DlibFaceAnalyzer
+from .insightface_backend import (
+    InsightFaceAnalyzer,
+    InsightFaceConfig,
+    PathLike,
+    antelopev2_search_path,
+    find_antelopev2,
+)
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "insightface", "dlib")
+_CONFIGS = {"insightface": InsightFaceConfig, "dlib": DlibConfig}
+
+
+def get_face_analyzer(backend: str = "auto", model_dir: Optional[PathLike] = None, **kw) -> FaceAnalyzer:
+    """Build a face analyzer.
+
+    :param backend: "insightface" (antelopev2, the real InstantID path), "dlib" (offline,
+        128-d embeddings) or "auto": insightface if the antelopev2 files are found, else dlib
+        (prints which, and `.backend` says it).
+    :param model_dir: folder of the antelopev2 files (see `find_antelopev2` for the search).
+    :param kw: fields of `InsightFaceConfig` or `DlibConfig` (e.g. det_thresh=0.4, num_jitters=5);
+        with "auto", fields of the backend not chosen are ignored.
+    :raises ModelFilesMissingError: "insightface" was asked for and its files are missing.
+    :raises InputError: unknown backend or keyword.
+    """
+    name = str(backend).lower()
+    if name not in BACKENDS:
+        raise InputError(f"unknown face analysis backend {backend!r}; choose one of {BACKENDS}.")
+    _check_keywords(name, kw)
+    if name == "auto":
+        name = _choose(model_dir)
+        fields = {f.name for f in dataclasses.fields(_CONFIGS[name])}
+        kw = {k: v for k, v in kw.items() if k in fields}
+    if name == "insightface":
+        return InsightFaceAnalyzer(model_dir, InsightFaceConfig(**kw))
+    return DlibFaceAnalyzer(DlibConfig(**kw))
+
+
+def _choose(model_dir: Optional[PathLike]) -> str:
+    folder = find_antelopev2(model_dir)
+    if folder is not None:
+        message = f"face analysis: insightface backend (antelopev2 in {folder})"
+        name = "insightface"
+    else:
+        looked = ", ".join(str(f) for f in antelopev2_search_path(model_dir))
+        message = f"face analysis: dlib backend (no antelopev2 files in {looked})"
+        name = "dlib"
+    logger.info(message)
+    print(message)
+    return name
+
+
+def _check_keywords(name: str, kw: dict) -> None:
+    configs = list(_CONFIGS.values()) if name == "auto" else [_CONFIGS[name]]
+    known = {f.name for config in configs for f in dataclasses.fields(config)}
+    unknown = sorted(set(kw) - known)
+    if unknown:
+        raise InputError(f"unknown option(s) {unknown} for the {name} backend; valid: {sorted(known)}.")
