@@ -1,0 +1,222 @@
+"""Behaviours of `InstantIDPipeline` on tiny random components (2 steps, 64 x 64 pixels)."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, LCMScheduler
+
+from instantid_lab.attention import remove_adapter
+from instantid_lab.errors import InputError
+from instantid_lab.keypoints import draw_kps
+from instantid_lab.pipeline import InstantIDPipeline
+from instantid_lab.pipeline.inputs import as_identity_embeddings
+from instantid_lab.tiny import tiny_adapter_state, tiny_components, tiny_embedding, tiny_pipeline
+
+KPS = np.array([[22, 26], [42, 25], [32, 36], [24, 46], [41, 45]], np.float32)
+PROMPT = "a photo of an astronaut"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline("sdxl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def kps_image():
+    return draw_kps(KPS, (64, 64))
+
+
+@pytest.fixture(scope="module")
+def emb():
+    return tiny_embedding(16, seed=1)
+
+
+def run(pipe, kps_image, emb, seed=0, **kw):
+    args = dict(num_inference_steps=2, generator=torch.Generator().manual_seed(seed), output_type="np")
+    return pipe(kw.pop("prompt", PROMPT), emb, kps_image, **{**args, **kw}).images
+
+
+def fresh_pipeline(**overrides):
+    """The fixture's pipeline, built again (same seeds) so it can be changed."""
+    components = {**tiny_components("sdxl", seed=0), **overrides}
+    pipe = InstantIDPipeline(**components)
+    pipe.load_adapter(tiny_adapter_state(pipe.unet, seed=4))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_same_seed_same_image_other_seed_other_image(pipe, kps_image, emb):
+    a, b, c = run(pipe, kps_image, emb, 0), run(pipe, kps_image, emb, 0), run(pipe, kps_image, emb, 1)
+    assert a.shape == (1, 64, 64, 3) and np.isfinite(a).all()
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_num_images_per_prompt_gives_that_many_distinct_images(pipe, kps_image, emb):
+    images = run(pipe, kps_image, emb, prompt=[PROMPT, "a portrait"], num_images_per_prompt=2)
+    assert images.shape == (4, 64, 64, 3)
+    assert np.abs(images[0] - images[1]).max() > 1e-3
+
+
+def test_adapter_scale_zero_equals_the_unet_without_the_adapter(pipe, kps_image, emb):
+    with_adapter_off = run(pipe, kps_image, emb, adapter_scale=0.0)
+    assert np.abs(run(pipe, kps_image, emb, adapter_scale=0.8) - with_adapter_off).max() > 1e-3
+    plain = fresh_pipeline()
+    remove_adapter(plain.unet)  # IdentityNet still sees the identity tokens
+    assert not plain.has_identity_attention
+    np.testing.assert_allclose(run(plain, kps_image, emb, adapter_scale=0.8), with_adapter_off, atol=1e-5)
+
+
+def test_per_sample_scales_in_one_batch_equal_separate_runs(pipe, kps_image, emb):
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    adapter, identitynet = [0.0, 1.0], [1.0, 0.3]
+    batch = run(pipe, kps_image, emb, prompt=[PROMPT, PROMPT], latents=noise,
+                adapter_scale=torch.tensor(adapter), identitynet_scale=identitynet)
+    for i in range(2):
+        alone = run(pipe, kps_image, emb, latents=noise[i : i + 1], adapter_scale=adapter[i], identitynet_scale=identitynet[i])
+        np.testing.assert_allclose(batch[i], alone[0], atol=1e-4)
+    assert np.abs(batch[0] - batch[1]).max() > 1e-3
+
+
+def test_guess_mode_with_guidance_gives_zero_residuals_to_the_uncond_half(pipe, kps_image, emb):
+    images = run(pipe, kps_image, emb, prompt=[PROMPT, "a portrait"], num_images_per_prompt=2, guess_mode=True)
+    assert images.shape == (4, 64, 64, 3) and np.isfinite(images).all()
+    cond = pipe.prepare_conditioning([PROMPT], emb, kps_image, 64, 64, num_images_per_prompt=2, guided=True,
+                                     guess_mode=True)
+    model_input = torch.randn(4, 4, 8, 8)
+    down, mid = pipe.control_residuals(model_input, pipe.scheduler.timesteps[0], cond)
+    for residual in [*down, mid]:
+        assert residual.shape[0] == 4
+        assert residual[:2].abs().max() == 0 and residual[2:].abs().max() > 0
+
+
+def test_img2img_runs_and_low_strength_stays_closer_to_the_source(pipe, kps_image, emb):
+    source = np.random.default_rng(0).uniform(0, 1, (64, 64, 3)).astype(np.float32)
+    source_latents = pipe.encode_image(source, 1, 64, 64)
+    kw = dict(image=source, num_inference_steps=4, output_type="latent")
+    light, strong = (run(pipe, kps_image, emb, strength=s, **kw) for s in (0.25, 1.0))
+    assert light.shape == source_latents.shape == (1, 4, 8, 8)
+    assert (light - source_latents).abs().mean() < (strong - source_latents).abs().mean()
+
+
+def test_inpainting_keeps_the_unmasked_latents_and_repaints_the_masked(pipe, kps_image, emb):
+    source = np.random.default_rng(1).uniform(0, 1, (64, 64, 3)).astype(np.float32)
+    mask = np.zeros((64, 64), np.float32)
+    mask[:, :32] = 1.0  # repaint the left half
+    out = run(pipe, kps_image, emb, image=source, mask_image=mask, strength=1.0, num_inference_steps=3,
+              output_type="latent")
+    source_latents = pipe.encode_image(source, 1, 64, 64)
+    torch.testing.assert_close(out[..., 4:], source_latents[..., 4:], atol=1e-5, rtol=0)
+    assert (out[..., :4] - source_latents[..., :4]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("scheduler_cls, guidance", [(DDIMScheduler, 5.0), (LCMScheduler, 1.0)])
+def test_other_schedulers_run(pipe, kps_image, emb, scheduler_cls, guidance):
+    euler = pipe.scheduler
+    try:
+        pipe.scheduler = scheduler_cls.from_config(euler.config)
+        images = run(pipe, kps_image, emb, guidance_scale=guidance)
+    finally:
+        pipe.scheduler = euler
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+def test_output_size_follows_the_request_not_the_keypoint_image(pipe, emb):
+    big = draw_kps(KPS * 4, (256, 256))
+    assert run(pipe, big, emb).shape == (1, 64, 64, 3)                   # native size, not 256
+    wide = draw_kps(KPS * [2, 1], (128, 64))
+    assert run(pipe, wide, emb).shape == (1, 64, 128, 3)                 # the keypoint image's aspect
+    assert run(pipe, big, emb, height=32, width=96).shape == (1, 32, 96, 3)
+
+
+def test_wrong_embedding_width_is_an_input_error_that_says_what_to_do(pipe, kps_image):
+    with pytest.raises(InputError, match="16-d"):
+        run(pipe, kps_image, torch.randn(128))
+    with pytest.raises(InputError, match="insightface"):
+        as_identity_embeddings(np.zeros(128), 1, 512)
+
+
+def test_several_references_of_one_person_average_to_that_person(pipe, kps_image, emb):
+    one = run(pipe, kps_image, emb)
+    three_copies = run(pipe, kps_image, torch.stack([emb, emb, emb]))
+    np.testing.assert_allclose(one, three_copies, atol=1e-5)
+
+
+def test_noise_negative_identity_is_seeded_and_differs_from_zeros(pipe, kps_image, emb):
+    zeros = run(pipe, kps_image, emb)
+    noise_a, noise_b = (run(pipe, kps_image, emb, negative_identity="noise", negative_identity_seed=s) for s in (0, 0))
+    assert np.array_equal(noise_a, noise_b)
+    assert np.abs(noise_a - zeros).max() > 1e-4
+
+
+def test_callback_sees_every_step_and_can_replace_the_latents(pipe, kps_image, emb):
+    seen = []
+
+    def callback(p, step, t, tensors):
+        seen.append(step)
+        return {"latents": torch.zeros_like(tensors["latents"])}
+
+    out = run(pipe, kps_image, emb, num_inference_steps=3, callback_on_step_end=callback, output_type="latent")
+    assert seen == [0, 1, 2] and out.abs().max() == 0
+
+
+def test_sd_shaped_pipeline_with_one_text_encoder_works(kps_image, emb):
+    sd = tiny_pipeline("sd", seed=0)
+    assert sd.text_encoder_2 is None and sd.tokenizer_2 is None
+    images = run(sd, kps_image, emb, num_images_per_prompt=2)
+    assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
+
+
+def test_misuse_is_an_input_error(pipe, kps_image, emb):
+    with pytest.raises(InputError, match="keypoint_image"):
+        pipe(PROMPT, emb, None, num_inference_steps=1)
+    with pytest.raises(InputError, match="image="):
+        run(pipe, kps_image, emb, mask_image=np.ones((64, 64), np.float32))
+    with pytest.raises(InputError, match="multiples of 8"):
+        run(pipe, kps_image, emb, height=60, width=64)
+    with pytest.raises(InputError, match="load_adapter"):
+        InstantIDPipeline(**tiny_components("sdxl"))(PROMPT, emb, kps_image)
+
+
+# ----------------------------------------------------------------------------- loading real-weight folders
+
+
+def test_missing_model_files_are_listed_with_where_they_go(tmp_path, monkeypatch):
+    from instantid_lab.errors import ModelFilesMissingError
+    from instantid_lab.loading import load_sdxl_instantid
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "sdxl" / "unet").mkdir(parents=True)
+    with pytest.raises(ModelFilesMissingError) as error:
+        load_sdxl_instantid(tmp_path / "sdxl", instantid_dir=tmp_path / "instantid")
+    message = str(error.value)
+    for expected in ["unet/config.json", "text_encoder_2/", "model_index.json", "ControlNetModel/config.json",
+                     "ControlNetModel/diffusion_pytorch_model.safetensors", "ip-adapter.bin", str(tmp_path / "instantid")]:
+        assert expected in message
+    with pytest.raises(ModelFilesMissingError, match="not in the Hugging Face cache"):
+        load_sdxl_instantid("nobody/not-a-cached-model", instantid_dir=tmp_path / "instantid")
+
+
+def test_loading_saved_folders_gives_the_same_pipeline(tmp_path, pipe, kps_image, emb):
+    from instantid_lab.checkpoint import save_adapter_state
+    from instantid_lab.loading import load_sdxl_instantid
+
+    components = tiny_components("sdxl", seed=0)
+    for name in ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler"]:
+        components[name].save_pretrained(tmp_path / "sdxl" / name)
+    (tmp_path / "sdxl" / "model_index.json").write_text("{}")
+    components["controlnet"].save_pretrained(tmp_path / "instantid" / "ControlNetModel")
+    save_adapter_state(tiny_adapter_state(components["unet"], seed=4), tmp_path / "instantid" / "ip-adapter.safetensors")
+
+    loaded = load_sdxl_instantid(tmp_path / "sdxl", instantid_dir=tmp_path / "instantid")
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(run(loaded, kps_image, emb), run(pipe, kps_image, emb), atol=1e-6)
