@@ -10,8 +10,13 @@ Modules, one concept each (the paper's terms):
 - `attention`      decoupled cross-attention (text + scale * identity)
 - `checkpoint`     safe loading and saving of the released adapter weights
 - `identitynet`    the ControlNet on keypoints that sees identity tokens
-- `pipeline`       `InstantIDPipeline`, a diffusers pipeline
+- `pipeline`       `InstantIDPipeline`, a diffusers pipeline (verb-named stages)
+- `loading`        building pipelines: real SDXL weights from local folders, or tiny ones
 - `tiny`           tiny random components, for tests only
+- `miniature`      the small world InstantID is trained on, on a CPU (work in progress)
+- `viz`, `widgets` figures and the interactive explorers the notebooks use
+- `notebooks`      `python -m instantid_lab.notebooks`: run every notebook headless
+- `data`           the bundled photos and their index
 
 Heavy modules (torch, diffusers) are imported on first use, so `import instantid_lab` is cheap.
 """

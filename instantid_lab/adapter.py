@@ -171,6 +171,16 @@ class Resampler(nn.Module):
             for _ in range(c.depth)
         )
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (diffusers asks every pipeline component for this)."""
+        return self.latents.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (diffusers asks every pipeline component for this)."""
+        return self.latents.dtype
+
     def forward(self, embeds: Tensor) -> Tensor:
         """
         :param embeds: identity embeddings, shape [B, D] (one per sample) or [B, N, D] (N tokens

@@ -132,3 +132,15 @@ def colour_photo():
 @pytest.fixture
 def fake_analyzer():
     return FakeAnalyzer()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The suite's models are tiny: one thread runs them faster than two (thread overhead dominates),
+    and keeps the suite from fighting other processes for the cores. Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

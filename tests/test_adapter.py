@@ -7,15 +7,6 @@ from instantid_lab.adapter import Resampler, ResamplerConfig
 from instantid_lab.errors import CheckpointError, InputError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread than on two contended ones; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def released_image_proj_layout() -> dict:
     """The `image_proj` entry of InstantID's ip-adapter.bin, written out from its documented layout."""
     shapes = {

@@ -25,15 +25,6 @@ from instantid_lab.tiny import TinyConfig, tiny_unet
 CROSS_DIM = TinyConfig.sd().cross_attention_dim  # 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread than on two contended ones; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def naive_attention(q, k, v):
     """softmax(Q K^T / sqrt(d)) V written out, [B, h, L, d]."""
     w = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5

@@ -16,14 +16,6 @@ KPS = np.array([[22, 26], [42, 25], [32, 36], [24, 46], [41, 45]], np.float32)
 PROMPT = "a photo of an astronaut"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def components():
     return tiny_components("sdxl", seed=0)

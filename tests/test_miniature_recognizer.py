@@ -32,7 +32,6 @@ def _heldout(n_ids=12, per_id=4):
 
 
 def test_short_training_separates_heldout_identities_better_than_chance():
-    torch.set_num_threads(1)
     images, labels = render_training_set(30, 10, seed=0)
     held_x, held_y = _heldout()
     before = verification_scores(embed_images(FaceRecognizer(RecognizerConfig.tiny()), held_x), held_y)

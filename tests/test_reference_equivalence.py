@@ -22,15 +22,6 @@ KPS = [[22, 26], [42, 25], [32, 36], [24, 46], [41, 45]]
 STEPS, GUIDANCE, ADAPTER_SCALE, IDENTITYNET_SCALE, SEED = 3, 5.0, 0.8, 0.8, 7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ReferenceIPAttnProcessor(torch.nn.Module):
     """Cross-attention of the released code: the last `num_tokens` context tokens are the
     identity tokens; they get their own key/value projections and a separate softmax."""

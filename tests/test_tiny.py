@@ -7,14 +7,6 @@ from instantid_lab.tiny import (TINY_WORDS, TinyConfig, byte_alphabet, tiny_comp
                                 tiny_vocab)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sdxl():
     return tiny_components("sdxl", seed=0)

@@ -38,18 +38,6 @@ from .inputs import (as_identity_embeddings, as_image_batch, as_mask_batch, as_n
 from .latents import LatentState, keep_known_region, random_latents, schedule, start_latents
 
 
-class ImageProjection(Resampler):
-    """The Resampler as a pipeline component: diffusers asks every component for `.device` and `.dtype`."""
-
-    @property
-    def device(self) -> torch.device:
-        return self.latents.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.latents.dtype
-
-
 @dataclass
 class InstantIDPipelineOutput(BaseOutput):
     """:param images: PIL images, a numpy array [B, H, W, 3] in [0, 1], or latents [B, 4, h, w]."""
@@ -97,7 +85,7 @@ class InstantIDPipeline(DiffusionPipeline):
         from ..checkpoint import check_ip_adapter_state, load_adapter_state
 
         state = load_adapter_state(path_or_state_dict)
-        image_proj = ImageProjection.from_state_dict(state["image_proj"])
+        image_proj = Resampler.from_state_dict(state["image_proj"])
         check_ip_adapter_state(self.unet, state["ip_adapter"])
         layers = install_adapter(self.unet, scale=scale)
         layers.load_state_dict(state["ip_adapter"])
