@@ -2,13 +2,15 @@
 
     python benchmarks/face_analysis.py [--repeats N] [--per-photo]
 
-Runs the dlib backend, and the insightface backend too when the antelopev2 files are found.
+Runs the dlib backend twice, its descriptor network run by the torch port ("dlib+torch", the
+default) and by dlib itself ("dlib+dlib"), and the insightface backend too when the antelopev2
+files are found.
 Model loading is excluded (it happens once per process); decoding the JPEGs is included in
 "detect". Stages: detect = finding the boxes; describe = keypoints + embedding of every face,
 of which "embed" is the embedding alone (the rest is the landmark fit; insightface's
 keypoints come with detection, so its rest is ~0). "cpu s" is the process's CPU time: on a
 machine shared with other work, faces per CPU second says more than faces per wall second
-(dlib runs on one core; onnxruntime may use several). The goal is >= 10 faces/s on a 2-core CPU.
+(dlib runs on one core; torch and onnxruntime may use several). The goal is >= 10 faces/s on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -97,13 +99,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="passes over the 18 photos")
     parser.add_argument("--per-photo", action="store_true", help="also print each photo's times")
     args = parser.parse_args()
-    backends = ["dlib"] + (["insightface"] if find_antelopev2() else [])
+    runs = {"dlib+torch": ("dlib", {"descriptor": "torch"}), "dlib+dlib": ("dlib", {"descriptor": "dlib"})}
+    if find_antelopev2():
+        runs["insightface"] = ("insightface", {})
     print(f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f} (other processes slow this down)")
     results = {}
-    for backend in backends:
-        analyzer = get_face_analyzer(backend)
+    for name, (backend, options) in runs.items():
+        analyzer = get_face_analyzer(backend, **options)
         analyzer.get_face(face_photos()[0].path)  # warm-up, not timed
-        results[backend] = measure(analyzer, args.repeats)
+        results[name] = measure(analyzer, args.repeats)
     print_table(results, args.per_photo)
 
 

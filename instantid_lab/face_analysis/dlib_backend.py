@@ -9,7 +9,9 @@ which catches turned faces HOG misses. The 68 iBUG landmarks give the 5 InstantI
 looser, and a 68-point fit on them can go badly wrong on turned faces, so a face found by the
 CNN first gets a HOG-style box placed from dlib's 5-point model (trained on both box types,
 `hog_style_box`). The embedding is dlib's ResNet face descriptor, compared by Euclidean
-distance (the same person is usually closer than 0.6).
+distance (the same person is usually closer than 0.6); by default it is computed by the torch
+port of that network (`dlib_resnet`: same weights and output, several times faster than dlib here)
+on the face chip dlib aligns (`dlib.get_face_chip`, 150 px, padding 0.25).
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ DLIB_MODEL_FILES = {
     "cnn_detector": "mmod_human_face_detector.dat",
     "recognizer": "dlib_face_recognition_resnet_model_v1.dat",
 }
+#: What can run the descriptor network (`DlibConfig.descriptor`).
+DESCRIPTORS = ("torch", "dlib")
+#: Face chips as dlib's recognizer reads them: side in pixels, padding around the landmarks.
+CHIP_SIZE, CHIP_PADDING = 150, 0.25
 
 # Indices into the 68 iBUG 300-W landmarks (0-based). "First"/"second" are the annotation's
 # order, which is image-left first for an upright, unmirrored face.
@@ -67,6 +73,10 @@ class DlibConfig:
     :param min_overlap: IoU a CNN detection must share with the proposal to confirm it.
     :param cnn_max_side: the whole-image CNN fallback runs on a copy with this longer side.
     :param num_jitters: descriptor averaged over this many jittered crops (1 = no jitter).
+    :param descriptor: what runs the descriptor network: "torch" (the port in `dlib_resnet`,
+        fast) or "dlib" (`face_recognition_model_v1.compute_face_descriptor`, the reference).
+    :param torch_threads: intra-op threads of the "torch" descriptor (0 = torch's setting). One
+        chip is too little work to split: on a shared 2-core CPU, 2 threads wait on each other.
     """
 
     max_side: int = 1024
@@ -76,6 +86,8 @@ class DlibConfig:
     min_overlap: float = 0.3
     cnn_max_side: int = 512
     num_jitters: int = 1
+    descriptor: str = "torch"
+    torch_threads: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "upsample", tuple(int(u) for u in self.upsample))
@@ -83,6 +95,10 @@ class DlibConfig:
             raise InputError(f"upsample must list pyramid levels >= 0, e.g. (0, 1); got {self.upsample}.")
         if min(self.max_side, self.cnn_max_side, self.verify_face_side, self.num_jitters) < 1:
             raise InputError("max_side, cnn_max_side, verify_face_side and num_jitters must be >= 1.")
+        if self.torch_threads < 0:
+            raise InputError(f"torch_threads must be >= 0 (0 = torch's setting); got {self.torch_threads}.")
+        if self.descriptor not in DESCRIPTORS:
+            raise InputError(f"descriptor must be one of {DESCRIPTORS}; got {self.descriptor!r}.")
 
 
 class DlibModels(NamedTuple):
@@ -151,7 +167,13 @@ class DlibFaceAnalyzer(FaceAnalyzer):
 
     def __init__(self, config: DlibConfig = DlibConfig()):
         self.config = config
-        self.models = load_dlib_models(str(dlib_models_dir()))
+        folder = dlib_models_dir()
+        self.models = load_dlib_models(str(folder))
+        self.resnet = None  # the torch port of the recognizer, when config.descriptor == "torch"
+        if config.descriptor == "torch":
+            from .dlib_resnet import load_dlib_resnet  # torch: imported only when used
+
+            self.resnet = load_dlib_resnet(folder / DLIB_MODEL_FILES["recognizer"])
 
     # -------------------------------------------------------------------------- locate
 
@@ -215,8 +237,16 @@ class DlibFaceAnalyzer(FaceAnalyzer):
 
     def _embedding(self, rgb: np.ndarray, shape) -> np.ndarray:
         """dlib's ResNet descriptor of the face aligned by its landmarks: shape [128]."""
-        descriptor = self.models.recognizer.compute_face_descriptor(rgb, shape, self.config.num_jitters)
-        return np.asarray(descriptor, np.float32)
+        if self.resnet is None:
+            descriptor = self.models.recognizer.compute_face_descriptor(rgb, shape, self.config.num_jitters)
+            return np.asarray(descriptor, np.float32)
+        import dlib
+
+        from .dlib_resnet import face_descriptors
+
+        chip = dlib.get_face_chip(rgb, shape, size=CHIP_SIZE, padding=CHIP_PADDING)  # [150, 150, 3]
+        chips = dlib.jitter_image(chip, self.config.num_jitters) if self.config.num_jitters > 1 else [chip]
+        return face_descriptors(self.resnet, chips, self.config.torch_threads).mean(axis=0)  # [N, 128] -> [128]
 
 
 # ------------------------------------------------------------------------------ geometry helpers
