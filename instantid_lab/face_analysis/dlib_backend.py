@@ -71,7 +71,10 @@ class DlibConfig:
     :param verify_face_side: for that confirmation, the crop is scaled so the proposed face
         is this many pixels wide (the CNN detector finds faces from ~80 px).
     :param min_overlap: IoU a CNN detection must share with the proposal to confirm it.
-    :param cnn_max_side: the whole-image CNN fallback runs on a copy with this longer side.
+    :param cnn_max_side: the whole-image CNN fallback runs on a copy with this longer side. It
+        finds faces from ~80 px there, so 384 finds turned faces wider than ~1/5 of the photo's
+        longer side at ~1 s per photo on one core; raise it for smaller turned faces (cost grows
+        with its square).
     :param num_jitters: descriptor averaged over this many jittered crops (1 = no jitter).
     :param descriptor: what runs the descriptor network: "torch" (the port in `dlib_resnet`,
         fast) or "dlib" (`face_recognition_model_v1.compute_face_descriptor`, the reference).
@@ -84,7 +87,7 @@ class DlibConfig:
     confident_score: float = 0.5
     verify_face_side: int = 100
     min_overlap: float = 0.3
-    cnn_max_side: int = 512
+    cnn_max_side: int = 384
     num_jitters: int = 1
     descriptor: str = "torch"
     torch_threads: int = 1
