@@ -2,8 +2,9 @@
 
     python benchmarks/face_analysis.py [--repeats N] [--per-photo]
 
-Runs the dlib backend twice, its descriptor network run by the torch port ("dlib+torch", the
-default) and by dlib itself ("dlib+dlib"), and the insightface backend too when the antelopev2
+Runs the dlib backend three ways: its CNN face detector and descriptor network both run by the
+torch ports ("dlib+torch", the default), only the descriptor ported ("dlib+torchdesc": dlib's own
+CNN detector), and neither ("dlib+dlib"); and the insightface backend too when the antelopev2
 files are found.
 Model loading is excluded (it happens once per process); decoding the JPEGs is included in
 "detect". Stages: detect = finding the boxes; describe = keypoints + embedding of every face,
@@ -91,11 +92,11 @@ def measure(analyzer: FaceAnalyzer, repeats: int) -> Timing:
 
 def print_table(results: dict[str, Timing], per_photo: bool) -> None:
     header = ("backend", "faces", "detect s", "landmarks s", "embed s", "total s", "faces/s", "cpu s", "faces/cpu s")
-    print("{:<12} {:>5} {:>9} {:>11} {:>8} {:>8} {:>8} {:>7} {:>11}".format(*header))
+    print("{:<15} {:>5} {:>9} {:>11} {:>8} {:>8} {:>8} {:>7} {:>11}".format(*header))
     for backend, t in results.items():
         row = (backend, t.faces, t.detect, t.describe - t.embed, t.embed, t.total, t.faces / max(t.total, 1e-9))
         row += (t.cpu, t.faces / max(t.cpu, 1e-9))
-        print("{:<12} {:>5} {:>9.2f} {:>11.2f} {:>8.2f} {:>8.2f} {:>8.2f} {:>7.2f} {:>11.2f}".format(*row))
+        print("{:<15} {:>5} {:>9.2f} {:>11.2f} {:>8.2f} {:>8.2f} {:>8.2f} {:>7.2f} {:>11.2f}".format(*row))
     print()
     for backend, t in results.items():
         quick_rate, slow_seconds = t.split()
@@ -113,7 +114,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="passes over the 18 photos")
     parser.add_argument("--per-photo", action="store_true", help="also print each photo's times")
     args = parser.parse_args()
-    runs = {"dlib+torch": ("dlib", {"descriptor": "torch"}), "dlib+dlib": ("dlib", {"descriptor": "dlib"})}
+    runs = {
+        "dlib+torch": ("dlib", {"detector": "torch", "descriptor": "torch"}),
+        "dlib+torchdesc": ("dlib", {"detector": "dlib", "descriptor": "torch"}),
+        "dlib+dlib": ("dlib", {"detector": "dlib", "descriptor": "dlib"}),
+    }
     if find_antelopev2():
         runs["insightface"] = ("insightface", {})
     print(f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f} (other processes slow this down)")

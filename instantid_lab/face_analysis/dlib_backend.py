@@ -4,8 +4,9 @@ Detection is a cascade: dlib's HOG detector proposes faces (pyramid upsampling 0
 nothing was found); proposals with a low SVM margin are kept only if dlib's CNN (MMOD)
 detector confirms a face on a local crop, which rejects face-like textures such as mission
 patches; if HOG finds nothing at all, the CNN detector searches the whole (downscaled) image,
-which catches turned faces HOG misses. The 68 iBUG landmarks give the 5 InstantID keypoints
-(`kps_from_68`). That 68-point model was trained on HOG boxes; CNN boxes sit higher and
+which catches turned faces HOG misses. By default that CNN runs as a torch port (`dlib_mmod`:
+same weights and detections as dlib's, ~10x faster here). The 68 iBUG landmarks give the 5
+InstantID keypoints (`kps_from_68`). That 68-point model was trained on HOG boxes; CNN boxes sit higher and
 looser, and a 68-point fit on them can go badly wrong on turned faces, so a face found by the
 CNN first gets a HOG-style box placed from dlib's 5-point model (trained on both box types,
 `hog_style_box`). The embedding is dlib's ResNet face descriptor, compared by Euclidean
@@ -37,6 +38,8 @@ DLIB_MODEL_FILES = {
 }
 #: What can run the descriptor network (`DlibConfig.descriptor`).
 DESCRIPTORS = ("torch", "dlib")
+#: What can run the CNN (MMOD) face detector (`DlibConfig.detector`).
+DETECTORS = ("torch", "dlib")
 #: Face chips as dlib's recognizer reads them: side in pixels, padding around the landmarks.
 CHIP_SIZE, CHIP_PADDING = 150, 0.25
 
@@ -73,13 +76,16 @@ class DlibConfig:
     :param min_overlap: IoU a CNN detection must share with the proposal to confirm it.
     :param cnn_max_side: the whole-image CNN fallback runs on a copy with this longer side. It
         finds faces from ~80 px there, so 384 finds turned faces wider than ~1/5 of the photo's
-        longer side at ~1 s per photo on one core; raise it for smaller turned faces (cost grows
-        with its square).
+        longer side at ~0.1 s per photo on one core (~1 s with detector="dlib"); raise it for
+        smaller turned faces (cost grows with its square).
     :param num_jitters: descriptor averaged over this many jittered crops (1 = no jitter).
     :param descriptor: what runs the descriptor network: "torch" (the port in `dlib_resnet`,
         fast) or "dlib" (`face_recognition_model_v1.compute_face_descriptor`, the reference).
-    :param torch_threads: intra-op threads of the "torch" descriptor (0 = torch's setting). One
-        chip is too little work to split: on a shared 2-core CPU, 2 threads wait on each other.
+    :param detector: what runs the CNN face detector: "torch" (the port in `dlib_mmod`, fast,
+        same detections) or "dlib" (`cnn_face_detection_model_v1`, the reference).
+    :param torch_threads: intra-op threads of the "torch" descriptor and detector (0 = torch's
+        setting). One chip or one 384-px photo is too little work to split: on a shared 2-core
+        CPU, 2 threads wait on each other (the detector: ~0.1 s with 1 thread, ~0.4 s with 2).
     """
 
     max_side: int = 1024
@@ -90,6 +96,7 @@ class DlibConfig:
     cnn_max_side: int = 384
     num_jitters: int = 1
     descriptor: str = "torch"
+    detector: str = "torch"
     torch_threads: int = 1
 
     def __post_init__(self):
@@ -102,6 +109,8 @@ class DlibConfig:
             raise InputError(f"torch_threads must be >= 0 (0 = torch's setting); got {self.torch_threads}.")
         if self.descriptor not in DESCRIPTORS:
             raise InputError(f"descriptor must be one of {DESCRIPTORS}; got {self.descriptor!r}.")
+        if self.detector not in DETECTORS:
+            raise InputError(f"detector must be one of {DETECTORS}; got {self.detector!r}.")
 
 
 class DlibModels(NamedTuple):
@@ -177,6 +186,12 @@ class DlibFaceAnalyzer(FaceAnalyzer):
             from .dlib_resnet import load_dlib_resnet  # torch: imported only when used
 
             self.resnet = load_dlib_resnet(folder / DLIB_MODEL_FILES["recognizer"])
+        self.cnn = None  # the torch port of the CNN detector, when config.detector == "torch"
+        if config.detector == "torch":
+            from .dlib_mmod import load_mmod_detector
+
+            threads = config.torch_threads or None
+            self.cnn = load_mmod_detector(folder / DLIB_MODEL_FILES["cnn_detector"], threads=threads)
 
     # -------------------------------------------------------------------------- locate
 
@@ -196,6 +211,9 @@ class DlibFaceAnalyzer(FaceAnalyzer):
         return [(box, s) for box, s in found if s >= self.config.confident_score or self._confirm(rgb, box)]
 
     def _cnn(self, rgb: np.ndarray, upsample: int = 0) -> list[tuple[np.ndarray, float]]:
+        """CNN (MMOD) detections: (box x1, y1, x2, y2, confidence), best first."""
+        if self.cnn is not None:
+            return [(d.box, d.confidence) for d in self.cnn(rgb, upsample)]
         return [(rect_to_box(d.rect), float(d.confidence)) for d in self.models.cnn(rgb, upsample)]
 
     def _confirm(self, rgb: np.ndarray, box: np.ndarray) -> bool:

@@ -301,7 +301,8 @@ class DlibLayer(NamedTuple):
     """One computational layer as the file stores it.
 
     :param kind: dlib's layer name without its version suffix: "con", "affine", "relu",
-        "max_pool", "avg_pool", "add_prev", "fc", "fc_no_bias"; or "tag" for a tag/skip layer
+        "max_pool", "avg_pool", "add_prev", "fc", "fc_no_bias" (a saved batch norm, "bn_con", is
+        read as the "affine" dlib folds it into); or "tag" for a tag/skip layer
         (those store nothing but a version number, so their ids are not in the file).
     :param params: arrays, e.g. con: "weight" [out, in, r, c], "bias" [out]; affine: "gamma",
         "beta" [C]; fc: "weight" [in, out].
@@ -346,6 +347,26 @@ def _read_affine(r: DlibReader) -> DlibLayer:
     return DlibLayer("affine", {"gamma": params[:n], "beta": params[n:]}, {})
 
 
+def _read_bn_con(r: DlibReader) -> DlibLayer:
+    """A batch-norm layer saved from training ("bn_con2"), read as the `affine` layer dlib makes of it.
+
+    dlib loads such a layer into a network that declares `affine` by folding its running
+    statistics: gamma' = gamma / sqrt(running_variance + eps), beta' = beta - gamma' * running_mean.
+    """
+    params = r.tensor().reshape(-1)  # gamma then beta
+    gamma_shape, _ = r.alias(), r.alias()
+    _, _, running_mean, running_variance = (r.tensor().reshape(-1) for _ in range(4))  # means, invstds: batch stats
+    r.integer(), r.integer()  # num_updates, running_stats_window_size
+    for _ in range(4):
+        r.floating()  # learning-rate and weight-decay multipliers
+    eps = r.floating()
+    n = math.prod(gamma_shape)
+    if params.size != 2 * n or running_mean.size != n or running_variance.size != n:
+        raise r.fail(f"a bn_con layer with {params.size} values and statistics of {running_mean.size} for {n} channels")
+    gamma = (params[:n] / np.sqrt(running_variance + np.float32(eps))).astype(np.float32)
+    return DlibLayer("affine", {"gamma": gamma, "beta": params[n:] - gamma * running_mean}, {})
+
+
 def _read_pool(kind: str) -> Callable[[DlibReader], DlibLayer]:
     def read(r: DlibReader) -> DlibLayer:
         rows, cols, stride_y, stride_x, pad_y, pad_x = (r.integer() for _ in range(6))
@@ -372,6 +393,7 @@ def _read_fc(r: DlibReader) -> DlibLayer:
 _LAYER_READERS: dict[str, Callable[[DlibReader], DlibLayer]] = {
     "con_4": _read_con,
     "affine_": _read_affine,
+    "bn_con2": _read_bn_con,
     "relu_": lambda r: DlibLayer("relu", {}, {}),
     "add_prev_": lambda r: DlibLayer("add_prev", {}, {}),
     "max_pool_2": _read_pool("max_pool"),
@@ -395,33 +417,58 @@ def _read_layer_details(r: DlibReader, first: bool) -> DlibLayer:
     return layer
 
 
-def parse_dlib_network(data: bytes, name: str = "the file") -> DlibNetwork:
-    """Parse a dlib DNN whose loss is `loss_metric` and input `input_rgb_image_sized`.
+def read_layer_stack(r: DlibReader, read_input: Callable[[DlibReader], object]) -> tuple[object, list[DlibLayer]]:
+    """The layers under a loss layer: (the input layer's settings, the layers, input side first).
 
     Serialisation is recursive, outer layer first: each `add_layer` writes its version, then
-    its subnetwork, then its own details. So the file holds the loss, then a run of versions
-    (2: a computational layer, 1: a tag/skip layer), 3 for the layer on the input, the input
-    layer, and then every layer's details from the input side up.
+    its subnetwork, then its own details. So after the loss come a run of versions (2: a
+    computational layer, 1: a tag/skip layer), 3 for the layer on the input, the input layer
+    (read by `read_input`, which knows its type), and then every layer's details from the
+    input side up.
     """
+    wrappers = []  # outer side first
+    while (version := r.version([1, 2, 3], "layer")) != 3:
+        wrappers.append(version)
+    settings = read_input(r)
+    layers = [_read_layer_details(r, first=True)]
+    for version in reversed(wrappers):
+        layers.append(_read_layer_details(r, first=False) if version == 2 else DlibLayer("tag", {}, {}))
+    if r.pos != len(r.data):
+        raise r.fail(f"{len(r.data) - r.pos} bytes left after the network")
+    return settings, layers
+
+
+def _read_sized_input(r: DlibReader) -> tuple[np.ndarray, tuple[int, int]]:
+    if r.string() != "input_rgb_image_sized":
+        raise r.fail("the input layer is not input_rgb_image_sized")
+    mean = np.array([r.floating() for _ in range(3)], np.float32)  # R, G, B
+    return mean, (r.integer(), r.integer())
+
+
+def parse_dlib_network(data: bytes, name: str = "the file") -> DlibNetwork:
+    """Parse a dlib DNN whose loss is `loss_metric` and input `input_rgb_image_sized` (see `read_layer_stack`)."""
     r = DlibReader(data, name)
     r.version([1], "add_loss_layer")
     loss = r.string()
     if loss != "loss_metric_2":
         raise r.fail(f"loss {loss!r}; expected dlib's metric loss ('loss_metric_2')")
     r.floating(), r.floating()  # margin, distance threshold
-    wrappers = []  # outer side first
-    while (version := r.version([1, 2, 3], "layer")) != 3:
-        wrappers.append(version)
-    if r.string() != "input_rgb_image_sized":
-        raise r.fail("the input layer is not input_rgb_image_sized")
-    mean = np.array([r.floating() for _ in range(3)], np.float32)  # R, G, B
-    size = (r.integer(), r.integer())
-    layers = [_read_layer_details(r, first=True)]
-    for version in reversed(wrappers):
-        layers.append(_read_layer_details(r, first=False) if version == 2 else DlibLayer("tag", {}, {}))
-    if r.pos != len(data):
-        raise r.fail(f"{len(data) - r.pos} bytes left after the network")
+    (mean, size), layers = read_layer_stack(r, _read_sized_input)
     return DlibNetwork(loss, mean, size, layers)
+
+
+def read_dlib_bytes(path: PathLike) -> bytes:
+    """The bytes of a dlib model file.
+
+    :raises ModelFilesMissingError: there is no such file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFilesMissingError(
+            f"no dlib network at {path}; the file comes with the face-recognition-models package: "
+            "pip install --force-reinstall face-recognition-models"
+        )
+    return path.read_bytes()
 
 
 def read_dlib_network(path: PathLike) -> DlibNetwork:
@@ -430,13 +477,7 @@ def read_dlib_network(path: PathLike) -> DlibNetwork:
     :raises ModelFilesMissingError: there is no such file.
     :raises CheckpointError: it is not a dlib metric-learning network, or it is truncated.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFilesMissingError(
-            f"no dlib network at {path}; the file comes with the face-recognition-models package: "
-            "pip install --force-reinstall face-recognition-models"
-        )
-    return parse_dlib_network(path.read_bytes(), str(path))
+    return parse_dlib_network(read_dlib_bytes(path), str(path))
 
 
 # ------------------------------------------------------------------------------ dlib layers -> state dict
