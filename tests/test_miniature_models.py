@@ -1,0 +1,140 @@
+"""The miniature's generative half: autoencoder, base model and InstantID stage (quick presets, tiny sizes)."""
+
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from instantid_lab.miniature import train
+from instantid_lab.miniature.autoencoder import AutoencoderConfig, build_autoencoder, reconstruction_loss
+from instantid_lab.miniature.base import BaseConfig, caption_tokenizer, drop_captions, min_snr_v_loss, tokenize
+from instantid_lab.miniature.instantid import (
+    ADAPTER_FILE, InstantIDConfig, InstantIDParts, keypoint_image, load_miniature,
+)
+from instantid_lab.miniature.world import Caption, render_id
+
+RECOGNIZER = "recognizer_conditioner.safetensors"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """All three stages at their quick presets, into one folder (a conditioning recogniser copied in)."""
+    out = tmp_path_factory.mktemp("mini")
+    ae = train.train_autoencoder(AutoencoderConfig.quick(), out, progress=False)
+    base = train.train_base(BaseConfig.quick(), out, progress=False)
+    config = replace(train.RecognizerConfig.tiny(), embedding_dim=64)
+    train.save_file(train.FaceRecognizer(config).state_dict(), str(out / RECOGNIZER),
+                    metadata={"config": train.json.dumps(train.config_dict(config))})
+    return out, ae, base
+
+
+def test_autoencoder_maps_32px_images_to_16x16x4_latents_and_back():
+    vae = build_autoencoder(AutoencoderConfig.quick())
+    z = vae.encode(torch.zeros(2, 3, 32, 32)).latent_dist.mean
+    assert z.shape == (2, 4, 16, 16)
+    assert vae.decode(z).sample.shape == (2, 3, 32, 32)
+
+
+def test_training_loop_lowers_the_reconstruction_loss(tmp_path):
+    vae = build_autoencoder(AutoencoderConfig.quick())
+    images = train.render_images(train.TRAIN_IDS, 8, seed=0)
+    with torch.no_grad():
+        before = float(reconstruction_loss(vae, images, 0.0, torch.Generator().manual_seed(1)))
+    settings = train.LoopSettings(steps=25, lr=5e-3, checkpoint_every=100)
+    train.train_loop("ae", vae, lambda g: reconstruction_loss(vae, images, 0.0, g), settings, tmp_path, progress=False)
+    with torch.no_grad():
+        after = float(reconstruction_loss(vae, images, 0.0, torch.Generator().manual_seed(1)))
+    assert after < 0.7 * before
+
+
+def test_autoencoder_stage_saves_a_vae_with_a_measured_scaling_factor(trained):
+    out, report, _ = trained
+    vae = train.load_vae(out)
+    assert vae.config.scaling_factor == pytest.approx(report["scaling_factor"])
+    assert report["scaling_factor"] != 1.0
+    assert report["loss"]["last"] < report["loss"]["first"]
+
+
+def test_caption_tokenizer_keeps_every_caption_word_whole():
+    tokenizer = caption_tokenizer()
+    text = Caption("stripes", "smiling", "hat", "outline").text()
+    tokens = tokenizer.convert_ids_to_tokens(tokenize(tokenizer, [text])[0])
+    words = text.replace(",", " ,").split()
+    assert tokens[1:len(words) + 1] == [w + "</w>" for w in words]
+
+
+def test_caption_dropout_replaces_rows_by_the_empty_caption():
+    ids, empty = torch.arange(12).reshape(3, 4), torch.full((4,), -1)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(drop_captions(ids, empty, 0.0, g), ids)
+    assert torch.equal(drop_captions(ids, empty, 1.0, g), empty.expand(3, 4))
+
+
+def test_min_snr_weight_is_min_snr_gamma_over_snr_plus_one():
+    pred, target = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)  # squared error 1 everywhere
+    assert float(min_snr_v_loss(pred[:1], target[:1], torch.tensor([1.0]))) == pytest.approx(0.5)
+    assert float(min_snr_v_loss(pred[:1], target[:1], torch.tensor([100.0]))) == pytest.approx(5 / 101)
+
+
+def test_base_quick_training_lowers_the_loss_and_saves_the_parts(trained):
+    out, _, report = trained
+    assert report["steps"] == BaseConfig.quick().steps
+    assert report["loss"]["last"] < report["loss"]["first"]
+    assert all((out / part).is_dir() for part in ("unet", "text_encoder", "tokenizer", "scheduler"))
+
+
+def test_interrupted_base_training_resumes_at_the_right_step(trained, tmp_path):
+    out, _, _ = trained
+    shutil.copytree(out / "vae", tmp_path / "vae")
+    config = BaseConfig.quick()
+    partial = train.train_base(config, tmp_path, stop_after=6, progress=False)
+    assert partial["step"] == 6 and not partial["finished"]
+    resumed = train.train_base(config, tmp_path, progress=False)
+    assert resumed["steps"] == config.steps
+    whole = torch.load(train.checkpoint_path(out, "base"), weights_only=True)
+    again = torch.load(train.checkpoint_path(tmp_path, "base"), weights_only=True)
+    np.testing.assert_allclose(again["losses"], whole["losses"], rtol=1e-4)  # same batches, same result
+
+
+def test_instantid_stage_trains_only_the_adapter_and_identitynet(trained):
+    out, _, _ = trained
+    vae, tokenizer, text_encoder, unet = train.load_base(out)
+    base_before = {k: v.clone() for k, v in unet.state_dict().items()}
+    config = InstantIDConfig.quick()
+    data = train.instantid_data(vae, tokenizer, out, 8)
+    parts = InstantIDParts.build(unet, config)
+    parts_before = {k: v.clone() for k, v in parts.state_dict().items()}
+    loss_fn = train.instantid_objective(parts, unet, text_encoder, tokenizer, data, config)
+    train.train_loop("instantid", parts, loss_fn, train.LoopSettings(3, 1e-2, checkpoint_every=10), out / "scratch",
+                     progress=False)
+    unet_after = unet.state_dict()
+    assert all(torch.equal(unet_after[k], v) for k, v in base_before.items())  # the base is frozen
+    changed = [k for k, v in parts.state_dict().items() if not torch.equal(v, parts_before[k])]
+    for prefix in ("image_proj.", "ip_adapter.", "identitynet."):
+        assert any(k.startswith(prefix) for k in changed), prefix
+
+
+def test_instantid_output_loads_into_the_pipeline_and_generates(trained):
+    out, _, _ = trained
+    report = train.train_instantid(InstantIDConfig.quick(), out, progress=False)
+    assert report["steps"] == InstantIDConfig.quick().steps
+    pipe = load_miniature(out)
+    saved = load_file(str(out / ADAPTER_FILE))
+    assert torch.equal(pipe.image_proj.state_dict()["latents"], saved["image_proj.latents"])
+    assert pipe.controlnet is not None and pipe.has_identity_attention
+    sample = render_id(1_000_000)
+    image = pipe("a smiling face, blue background, flat style", torch.randn(64), keypoint_image(sample.kps),
+                 num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_keypoint_image_puts_each_point_in_its_colour_at_its_position():
+    kps = np.array([[10, 12], [22, 12], [16, 18], [11, 24], [21, 24]], dtype=float)
+    image = np.asarray(keypoint_image(kps, 32)).astype(int)  # [32, 32, 3]
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255)]
+    for (x, y), colour in zip(kps.astype(int), colours):
+        assert np.abs(image[y, x] - colour).max() < 60, (x, y, image[y, x], colour)
+    assert image[0, 0].sum() == 0  # black canvas
