@@ -24,6 +24,11 @@ import torch
 from .errors import InputError
 
 #: Words the tiny tokenizer knows as whole tokens (anything else is spelled byte by byte).
+#: A frontal face's 5 keypoints on a 64x64 canvas (left eye, right eye, nose, mouth corners): the tests' pose.
+TINY_KPS = ((22.0, 26.0), (42.0, 25.0), (32.0, 36.0), (24.0, 46.0), (41.0, 45.0))
+#: The tests' prompt; every word is in the tiny vocabulary.
+TINY_PROMPT = "a photo of an astronaut"
+
 TINY_WORDS = (
     "a photo of an astronaut portrait person man woman in space suit smiling face the with "
     "watercolor painting film noir neon jungle mars snow line art blurry low quality"

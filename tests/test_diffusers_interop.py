@@ -14,9 +14,9 @@ from diffusers import StableDiffusionXLPipeline
 from instantid_lab.adapter import Resampler, ResamplerConfig
 from instantid_lab.checkpoint import expected_ip_adapter_shapes, save_adapter_state
 from instantid_lab.pipeline import InstantIDPipeline
-from instantid_lab.tiny import tiny_components
+from instantid_lab.tiny import TINY_PROMPT, tiny_components
 
-PROMPT = "a photo of an astronaut"
+PROMPT = TINY_PROMPT
 
 
 def diffusers_compatible_state(unet, seed=0) -> dict:

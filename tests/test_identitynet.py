@@ -10,10 +10,10 @@ from instantid_lab.identitynet import (SDXL_IDENTITYNET_CONFIG, identitynet_from
                                        run_identitynet, zero_pad_uncond)
 from instantid_lab.keypoints import draw_kps
 from instantid_lab.pipeline import InstantIDPipeline
-from instantid_lab.tiny import TinyConfig, tiny_adapter_state, tiny_components, tiny_identitynet, tiny_unet
+from instantid_lab.tiny import TINY_KPS, TINY_PROMPT, TinyConfig, tiny_adapter_state, tiny_components, tiny_identitynet, tiny_unet
 
-KPS = np.array([[22, 26], [42, 25], [32, 36], [24, 46], [41, 45]], np.float32)
-PROMPT = "a photo of an astronaut"
+KPS = np.array(TINY_KPS, np.float32)
+PROMPT = TINY_PROMPT
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from instantid_lab.errors import InputError
 from instantid_lab.keypoints import draw_kps
 from instantid_lab.pipeline import InstantIDPipeline
 from instantid_lab.pipeline.inputs import as_identity_embeddings
-from instantid_lab.tiny import tiny_adapter_state, tiny_components, tiny_embedding, tiny_pipeline
+from instantid_lab.tiny import TINY_KPS, TINY_PROMPT, tiny_adapter_state, tiny_components, tiny_embedding, tiny_pipeline
 
-KPS = np.array([[22, 26], [42, 25], [32, 36], [24, 46], [41, 45]], np.float32)
-PROMPT = "a photo of an astronaut"
+KPS = np.array(TINY_KPS, np.float32)
+PROMPT = TINY_PROMPT
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from instantid_lab.adapter import Resampler
 from instantid_lab.keypoints import draw_kps
 from instantid_lab.pipeline import InstantIDPipeline
-from instantid_lab.tiny import tiny_adapter_state, tiny_components, tiny_embedding
+from instantid_lab.tiny import TINY_KPS, tiny_adapter_state, tiny_components, tiny_embedding
 
 PROMPT = "a photo of an astronaut in space"
-KPS = [[22, 26], [42, 25], [32, 36], [24, 46], [41, 45]]
+KPS = TINY_KPS
 STEPS, GUIDANCE, ADAPTER_SCALE, IDENTITYNET_SCALE, SEED = 3, 5.0, 0.8, 0.8, 7
 
 
