@@ -10,6 +10,8 @@ from typing import Optional
 #: The repository's `data/` folder (the kit is installed in editable mode from a checkout).
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 FACES_DIR = DATA_DIR / "faces"
+#: The shipped miniature weights (see `data/miniature/MODEL_CARD.md`).
+MINIATURE_DIR = DATA_DIR / "miniature"
 
 
 @dataclass(frozen=True)

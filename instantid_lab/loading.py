@@ -143,8 +143,10 @@ def load_controlnet(folder: PathLike, torch_dtype: torch.dtype = torch.float32):
 def load_pipeline(mode: str = "tiny", embedding_dim: int = 512, seed: int = 0, **kwargs):
     """The pipeline a notebook runs on.
 
-    :param mode: "tiny" (random weights, any machine; for looking at shapes and behaviours) or
-        "sdxl" (the real weights, `load_sdxl_instantid(**kwargs)`).
+    :param mode: "miniature" (the trained miniature shipped in `data/miniature`, any machine; real
+        identity and pose behaviour on 32-px cartoon faces; `kwargs` may give `folder`), "tiny"
+        (random weights, any machine; for looking at shapes) or "sdxl" (the real weights,
+        `load_sdxl_instantid(**kwargs)`).
     :param embedding_dim: width of the identity embedding the tiny Resampler takes (the face
         analyzer's: 512 for insightface, 128 for dlib); "sdxl" always takes 512.
     :param seed: seeds the tiny weights.
@@ -156,9 +158,14 @@ def load_pipeline(mode: str = "tiny", embedding_dim: int = 512, seed: int = 0, *
         return tiny_pipeline("sdxl", seed=seed, embedding_dim=embedding_dim)
     if mode == "sdxl":
         return load_sdxl_instantid(**kwargs)
+    if mode == "miniature":
+        from .data import MINIATURE_DIR
+        from .miniature.instantid import load_miniature
+
+        return load_miniature(kwargs.get("folder", MINIATURE_DIR))
     from .errors import InputError
 
-    raise InputError(f"mode must be 'tiny' or 'sdxl', got {mode!r}")
+    raise InputError(f"mode must be 'miniature', 'tiny' or 'sdxl', got {mode!r}")
 
 
 def _build_pipeline(folder: Path, controlnet_dir: Path, torch_dtype: torch.dtype):

@@ -19,7 +19,7 @@ from .insightface_backend import (
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "insightface", "dlib")
+BACKENDS = ("auto", "insightface", "dlib", "miniature")
 _CONFIGS = {"insightface": InsightFaceConfig, "dlib": DlibConfig}
 
 
@@ -27,9 +27,11 @@ def get_face_analyzer(backend: str = "auto", model_dir: Optional[PathLike] = Non
     """Build a face analyzer.
 
     :param backend: "insightface" (antelopev2, the real InstantID path), "dlib" (offline,
-        128-d embeddings) or "auto": insightface if the antelopev2 files are found, else dlib
-        (prints which, and `.backend` says it).
-    :param model_dir: folder of the antelopev2 files (see `find_antelopev2` for the search).
+        128-d embeddings), "auto": insightface if the antelopev2 files are found, else dlib
+        (prints which, and `.backend` says it), or "miniature" (the miniature world's cartoon
+        faces: its inspector's keypoints and its conditioning recogniser's 64-d embedding).
+    :param model_dir: folder of the antelopev2 files (see `find_antelopev2` for the search); for
+        "miniature", the miniature's folder (default: the shipped `data/miniature`).
     :param kw: fields of `InsightFaceConfig` or `DlibConfig` (e.g. det_thresh=0.4, num_jitters=5);
         with "auto", fields of the backend not chosen are ignored.
     :raises ModelFilesMissingError: "insightface" was asked for and its files are missing.
@@ -38,6 +40,12 @@ def get_face_analyzer(backend: str = "auto", model_dir: Optional[PathLike] = Non
     name = str(backend).lower()
     if name not in BACKENDS:
         raise InputError(f"unknown face analysis backend {backend!r}; choose one of {BACKENDS}.")
+    if name == "miniature":
+        if kw:
+            raise InputError(f"the miniature backend takes no options, got {sorted(kw)}.")
+        from ..miniature.analyzer import MiniatureFaceAnalyzer
+
+        return MiniatureFaceAnalyzer(model_dir)
     _check_keywords(name, kw)
     if name == "auto":
         name = _choose(model_dir)

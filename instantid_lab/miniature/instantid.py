@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -52,14 +52,14 @@ class InstantIDConfig:
     resampler_depth: int = 2
     embedding_dim: int = 64  # the conditioning recogniser's output
     conditioning_channels: tuple = (16, 32)  # one 2x downsampling: 32 px keypoint image -> 16x16 latents
-    steps: int = 1400
+    steps: int = 5000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100
     caption_dropout: float = 0.1
     identity_dropout: float = 0.1  # zero embedding: what the pipeline's negative identity uses
     min_snr_gamma: float = 5.0
-    train_images: int = 8000
+    train_images: int = 24000
     checkpoint_every: int = 100
     eval_identities: int = 48
 
@@ -97,6 +97,20 @@ class InstantIDParts(nn.Module):
         """The adapter in the released layout: {"image_proj": Resampler weights, "ip_adapter": processor weights}."""
         return {"image_proj": self.image_proj.state_dict(), "ip_adapter": self.ip_adapter.state_dict()}
 
+    def pipeline(self, vae, text_encoder, tokenizer, unet, base: Path):
+        """An `InstantIDPipeline` that generates with these parts as they are (e.g. during training).
+
+        :param unet: the UNet these parts were built on (it carries their attention processors).
+        :param base: folder of the base, for its scheduler.
+        """
+        from diffusers import DDIMScheduler
+
+        from ..pipeline import InstantIDPipeline
+
+        scheduler = DDIMScheduler.from_pretrained(Path(base) / "scheduler")
+        return InstantIDPipeline(vae, text_encoder, None, tokenizer, None, unet, self.identitynet, scheduler,
+                                 image_proj=self.image_proj)
+
     def save(self, out: Path) -> None:
         from ..checkpoint import save_adapter_state
 
@@ -132,11 +146,13 @@ def keypoint_tensor(kps_list: Sequence[np.ndarray], size: int = 32) -> Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
 
 
-def load_miniature(folder: Path):
+def load_miniature(folder: Path, instantid: Optional[Path] = None):
     """The trained miniature as an `InstantIDPipeline` (SD-shaped; IdentityNet and adapter if trained).
 
     :param folder: holds vae/, text_encoder/, tokenizer/, unet/, scheduler/ and optionally identitynet/
         and `instantid_adapter.safetensors` (as written by `python -m instantid_lab.miniature.train`).
+    :param instantid: take identitynet/ and the adapter from this folder instead (a retrained InstantID
+        on the same base).
     :raises ModelFilesMissingError: a base part is missing.
     """
     from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
@@ -149,17 +165,18 @@ def load_miniature(folder: Path):
     if missing:
         raise ModelFilesMissingError(f"{folder} lacks {missing}: train the miniature first "
                                      f"(python -m instantid_lab.miniature.train autoencoder|base --out {folder})")
+    parts = Path(instantid) if instantid is not None else folder
     f32 = {"torch_dtype": torch.float32}
-    has_identitynet = (folder / "identitynet").is_dir()
-    identitynet = ControlNetModel.from_pretrained(folder / "identitynet", **f32) if has_identitynet else None
+    has_identitynet = (parts / "identitynet").is_dir()
+    identitynet = ControlNetModel.from_pretrained(parts / "identitynet", **f32) if has_identitynet else None
     pipe = InstantIDPipeline(
         AutoencoderKL.from_pretrained(folder / "vae", **f32),
         CLIPTextModel.from_pretrained(folder / "text_encoder", **f32), None,
         CLIPTokenizer.from_pretrained(folder / "tokenizer"), None,
         UNet2DConditionModel.from_pretrained(folder / "unet", **f32), identitynet,
         DDIMScheduler.from_pretrained(folder / "scheduler"))
-    if (folder / ADAPTER_FILE).exists():
-        pipe.load_adapter(folder / ADAPTER_FILE)
+    if (parts / ADAPTER_FILE).exists():
+        pipe.load_adapter(parts / ADAPTER_FILE)
     return pipe
 
 

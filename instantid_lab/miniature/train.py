@@ -1,11 +1,13 @@
 """Training entry points for the miniature, one per stage.
 
     python -m instantid_lab.miniature.train encoders --preset quick --out data/miniature
+    python -m instantid_lab.miniature.train inspector --preset full --out /tmp/mini/full
     python -m instantid_lab.miniature.train autoencoder --preset full --out /tmp/mini/full
     python -m instantid_lab.miniature.train base --preset full --out /tmp/mini/full
     python -m instantid_lab.miniature.train instantid --preset full --out /tmp/mini/full
 
-Stages, in order: `encoders` (the conditioning and the evaluating face recogniser), `autoencoder`
+Stages, in order: `encoders` (the conditioning and the evaluating face recogniser), `inspector` (reads
+keypoints and caption attributes off a face, for the evaluation only), `autoencoder`
 (images <-> latents), `base` (caption-conditioned latent diffusion, then frozen) and `instantid`
 (Resampler + decoupled attention + IdentityNet on the frozen base). Each writes safetensors weights
 plus a JSON record of how it was trained and what it measured.
@@ -35,6 +37,7 @@ from tqdm.auto import tqdm
 from ..errors import ModelFilesMissingError
 from .autoencoder import AutoencoderConfig
 from .base import BaseConfig
+from .inspector import InspectorConfig
 from .instantid import InstantIDConfig
 from .recognizer import (
     FaceRecognizer, RecognizerConfig, config_dict, embed_images, images_to_tensor,
@@ -84,6 +87,24 @@ def train_encoders(preset: EncoderPreset, out: Path, progress: bool = True) -> d
     report["preset"] = preset.__dict__
     (out / "recognizers.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def train_inspector_stage(config, out: Path, progress: bool = True) -> dict:
+    """Train the inspector (evaluation only), save `out/inspector.safetensors`, report it on held-out renders."""
+    from .inspector import caption_accuracy, inspect, keypoint_error, save_inspector, train_inspector
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model, losses = train_inspector(config, progress=progress)
+    seconds = time.perf_counter() - start
+    save_inspector(model, out / "inspector.safetensors")
+    held = random_samples(HELDOUT_IDS, 512, seed=3)
+    read = inspect(model, images_to_tensor([s.image for s in held]))
+    requested = torch.from_numpy(np.stack([s.kps for s in held]))
+    return _write_report(out, "inspector", {
+        "config": config.__dict__, "train_seconds": round(seconds, 1), "loss": _loss_summary(losses),
+        "heldout_renders": len(held), "heldout_keypoint_error_px": round(keypoint_error(read["kps"], requested), 3),
+        "heldout_caption_accuracy": caption_accuracy(read, [s.caption for s in held])})
 
 
 def load_recognizer(path: Path) -> FaceRecognizer:
@@ -136,13 +157,16 @@ def checkpoint_path(out: Path, name: str) -> Path:
 
 
 def train_loop(name: str, model: nn.Module, loss_fn: Callable[[torch.Generator], torch.Tensor], s: LoopSettings,
-               out: Path, seed: int = 0, stop_after: Optional[int] = None, progress: bool = True) -> dict:
+               out: Path, seed: int = 0, stop_after: Optional[int] = None, progress: bool = True,
+               on_checkpoint: Optional[Callable[[int], dict]] = None) -> dict:
     """Minimise `loss_fn(generator)` over `model`'s trainable parameters; resume from `out` if a checkpoint exists.
 
     :param loss_fn: draws its batch with the given generator (whose state is checkpointed, so a
         resumed run sees the same batches an uninterrupted one would) and returns a scalar loss.
     :param stop_after: stop (after checkpointing) once this many steps are done, as an interruption would.
-    :return: {"step", "losses", "seconds", "ema" (name -> tensor, or None), "finished"}
+    :param on_checkpoint: called with the step number at step 0 and at every checkpoint (model in eval
+        mode); what it returns is kept, with the step, in "evals" (and in the checkpoint).
+    :return: {"step", "losses", "seconds", "ema" (name -> tensor, or None), "evals", "finished"}
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
@@ -151,6 +175,8 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[torch.Generator],
     if path.exists():
         state = _resume(path, model, optimizer)
     end = s.steps if stop_after is None else min(s.steps, stop_after)
+    if on_checkpoint is not None and state["step"] == 0:
+        state["evals"].append({"step": 0, **_evaluate(model, on_checkpoint, 0)})
     model.train()
     start = time.perf_counter()
     for step in tqdm(range(state["step"], end), desc=name, initial=state["step"], total=s.steps, disable=not progress):
@@ -161,17 +187,29 @@ def train_loop(name: str, model: nn.Module, loss_fn: Callable[[torch.Generator],
         state["step"] = step + 1
         if state["step"] % s.checkpoint_every == 0 or state["step"] == end:
             state["seconds"] += time.perf_counter() - start
+            if on_checkpoint is not None:
+                state["evals"].append({"step": state["step"], **_evaluate(model, on_checkpoint, state["step"])})
             start = time.perf_counter()
             _save_checkpoint(path, model, optimizer, state)
     model.eval()
-    return {**{k: state[k] for k in ("step", "losses", "seconds", "ema")}, "finished": state["step"] >= s.steps}
+    keep = ("step", "losses", "seconds", "ema", "evals")
+    return {**{k: state[k] for k in keep}, "finished": state["step"] >= s.steps}
+
+
+def _evaluate(model: nn.Module, on_checkpoint: Callable[[int], dict], step: int) -> dict:
+    model.eval()
+    try:
+        return on_checkpoint(step)
+    finally:
+        model.train()
 
 
 def _fresh_state(model: nn.Module, s: LoopSettings, seed: int) -> dict:
     ema = None
     if s.ema_decay is not None:
         ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return {"step": 0, "losses": [], "seconds": 0.0, "ema": ema, "generator": torch.Generator().manual_seed(seed)}
+    return {"step": 0, "losses": [], "seconds": 0.0, "ema": ema, "evals": [],
+            "generator": torch.Generator().manual_seed(seed)}
 
 
 def _step(model, optimizer, loss_fn, generator, lr: float) -> float:
@@ -190,7 +228,7 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer, state: dict) -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": state["ema"],
                "step": state["step"], "losses": state["losses"], "seconds": state["seconds"],
-               "generator": state["generator"].get_state()}
+               "evals": json.dumps(state["evals"]), "generator": state["generator"].get_state()}
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -203,7 +241,7 @@ def _resume(path: Path, model: nn.Module, optimizer) -> dict:
     generator = torch.Generator()
     generator.set_state(payload["generator"])
     return {"step": payload["step"], "losses": list(payload["losses"]), "seconds": payload["seconds"],
-            "ema": payload["ema"], "generator": generator}
+            "ema": payload["ema"], "evals": json.loads(payload.get("evals", "[]")), "generator": generator}
 
 
 def _write_report(out: Path, name: str, report: dict) -> dict:
@@ -347,38 +385,68 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 8, scale: int = 2
 
 
 def train_instantid(config: "InstantIDConfig", out: Path, stop_after: Optional[int] = None,
-                    progress: bool = True) -> dict:
-    """Train Resampler + decoupled attention + IdentityNet on the frozen base; save them in the released layout."""
+                    progress: bool = True, base: Optional[Path] = None, track: int = 0) -> dict:
+    """Train Resampler + decoupled attention + IdentityNet on the frozen base; save them in the released layout.
+
+    :param base: folder holding the frozen base (vae, text encoder, tokenizer, unet, scheduler) and the
+        recognisers; default `out`. E.g. retrain on the shipped base: `base=MINIATURE_DIR, out=<new folder>`.
+    :param track: if > 0, at step 0 and at every checkpoint generate that many held-out identities and
+        record the evaluator's rank-1 and identity similarity (the report's "evals": training curves).
+    """
     from .instantid import InstantIDParts
 
-    vae, tokenizer, text_encoder, unet = load_base(out)
-    data = _cached(Path(out) / "instantid_data.pt", lambda: instantid_data(vae, tokenizer, out, config.train_images))
+    base = Path(base) if base is not None else Path(out)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    vae, tokenizer, text_encoder, unet = load_base(base)
+    data = _cached(Path(out) / "instantid_data.pt", lambda: instantid_data(vae, tokenizer, base, config.train_images))
     parts = InstantIDParts.build(unet, config)
     loss_fn = instantid_objective(parts, unet, text_encoder, tokenizer, data, config)
+    on_checkpoint = None
+    if track:
+        on_checkpoint = identity_tracker(parts.pipeline(vae, text_encoder, tokenizer, unet, base), base, track)
     settings = LoopSettings(config.steps, config.lr, config.warmup, checkpoint_every=config.checkpoint_every)
-    state = train_loop("instantid", parts, loss_fn, settings, out, stop_after=stop_after, progress=progress)
+    state = train_loop("instantid", parts, loss_fn, settings, out, stop_after=stop_after, progress=progress,
+                       on_checkpoint=on_checkpoint)
     if not state["finished"]:
         return state
     parts.save(out)
     return _write_report(out, "instantid", {
         "config": config.__dict__, "steps": state["step"], "train_seconds": round(state["seconds"], 1),
         "loss": _loss_summary(state["losses"]), "trainable_parameters": sum(p.numel() for p in parts.parameters()),
-        **evaluate_instantid(out, config.eval_identities)})
+        "evals": state["evals"], "losses": [round(x, 5) for x in state["losses"]],
+        **evaluate_instantid(base, config.eval_identities, instantid=out)})
 
 
-def evaluate_instantid(out: Path, n_identities: int) -> dict:
+def identity_tracker(pipe, base: Path, n_identities: int, steps: int = 10) -> Callable[[int], dict]:
+    """`on_checkpoint` for `train_loop`: held-out rank-1 and identity similarity of `pipe` (DDIM `steps` steps)."""
+    from .evaluate import HeldoutTask, Judges, generate
+
+    task = HeldoutTask.make(n_identities, seed=1)
+    conditioner = load_recognizer(Path(base) / "recognizer_conditioner.safetensors")
+    judges = Judges(task, load_recognizer(Path(base) / "recognizer_evaluator.safetensors"))
+    pipe.set_progress_bar_config(disable=True)
+
+    def track(step: int) -> dict:
+        scores = judges.score(generate(pipe, task, conditioner, 1.0, 1.0, steps=steps))
+        return {k: round(scores[k], 4) for k in ("rank1", "identity_similarity")}
+
+    return track
+
+
+def evaluate_instantid(base: Path, n_identities: int, instantid: Optional[Path] = None) -> dict:
     """Held-out rank-1 identity accuracy (evaluating recogniser) with InstantID on and off; a PNG grid."""
     from .instantid import identity_rank1, load_miniature
 
-    evaluator_path = Path(out) / "recognizer_evaluator.safetensors"
+    out = Path(instantid) if instantid is not None else Path(base)
+    evaluator_path = Path(base) / "recognizer_evaluator.safetensors"
     if n_identities == 0 or not evaluator_path.exists():
         return {}
-    pipe = load_miniature(out)
+    pipe = load_miniature(base, instantid=out)
     pipe.set_progress_bar_config(disable=True)
-    models = load_recognizer(Path(out) / "recognizer_conditioner.safetensors"), load_recognizer(evaluator_path)
+    models = load_recognizer(Path(base) / "recognizer_conditioner.safetensors"), load_recognizer(evaluator_path)
     on = identity_rank1(pipe, *models, n_identities=n_identities)
     off = identity_rank1(pipe, *models, n_identities=n_identities, adapter_scale=0.0, identitynet_scale=0.0)
-    save_grid(images_to_tensor(on["images"][:32]), Path(out) / "instantid_samples.png", columns=8)
+    save_grid(images_to_tensor(on["images"][:32]), out / "instantid_samples.png", columns=8)
     return {"heldout_identity": {"instantid": {k: v for k, v in on.items() if k != "images"},
                                  "base_only": off["rank1"], "sampler": "DDIM 20 steps, guidance 3.0, scales 1.0"}}
 
@@ -433,6 +501,10 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="quick", choices=["quick", "full"])
     parser.add_argument("--out", type=Path, default=Path("data/miniature"))
     parser.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="instantid: folder of the frozen base and recognisers (default: --out)")
+    parser.add_argument("--track", type=int, default=0,
+                        help="instantid: score this many held-out identities at every checkpoint")
     args = parser.parse_args(argv)
     if args.stage == "encoders":
         report = train_encoders(EncoderPreset.named(args.preset), args.out)
@@ -442,11 +514,12 @@ def main(argv=None) -> None:
     config = getattr(config_cls, args.preset)()
     if args.steps is not None:
         config = replace(config, steps=args.steps)
-    report = run(config, args.out)
-    print(json.dumps({k: v for k, v in report.items() if k not in ("config", "losses", "ema")}, indent=2))
+    extra = {"base": args.base, "track": args.track} if args.stage == "instantid" else {}
+    report = run(config, args.out, **extra)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("config", "losses", "ema", "evals")}, indent=2))
 
 
-STAGES = {"autoencoder": (AutoencoderConfig, train_autoencoder), "base": (BaseConfig, train_base),
+STAGES = {"inspector": (InspectorConfig, train_inspector_stage), "autoencoder": (AutoencoderConfig, train_autoencoder), "base": (BaseConfig, train_base),
           "instantid": (InstantIDConfig, train_instantid)}
 
 

@@ -1,0 +1,263 @@
+"""The miniature's evaluation: the inspector, the held-out task and its judges, the face analyzer, the
+shipped pipeline, and training with held-out scores at every checkpoint."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+from instantid_lab.data import MINIATURE_DIR
+from instantid_lab.errors import InputError, ModelFilesMissingError
+from instantid_lab.face_analysis import get_face_analyzer
+from instantid_lab.loading import load_pipeline
+from instantid_lab.miniature import train
+from instantid_lab.miniature.autoencoder import AutoencoderConfig
+from instantid_lab.miniature.base import BaseConfig
+from instantid_lab.miniature.evaluate import HeldoutTask, Judges
+from instantid_lab.miniature.inspector import (
+    ATTRIBUTES, InspectorConfig, caption_accuracy, inspect, keypoint_error, load_inspector, save_inspector,
+    train_inspector,
+)
+from instantid_lab.miniature.instantid import ADAPTER_FILE, InstantIDConfig, keypoint_image, load_miniature
+from instantid_lab.miniature.recognizer import (
+    FaceRecognizer, RecognizerConfig, config_dict, embed_images, images_to_tensor,
+)
+from instantid_lab.miniature.world import HELDOUT_IDS, Caption, Pose, random_samples, render_id
+from instantid_lab.pipeline import InstantIDPipeline
+
+INSPECTOR = MINIATURE_DIR / "inspector.safetensors"
+CONDITIONER = MINIATURE_DIR / "recognizer_conditioner.safetensors"
+EVALUATOR = MINIATURE_DIR / "recognizer_evaluator.safetensors"
+
+
+def mean_distance(a, b) -> float:
+    """Mean distance in pixels between keypoints a [..., 5, 2] and b [..., 5, 2]."""
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b), axis=-1).mean())
+
+
+# ----------------------------------------------------------------------------- inspector
+
+
+@pytest.fixture(scope="module")
+def quick_inspector():
+    return train_inspector(InspectorConfig.quick(), progress=False)
+
+
+def test_inspector_quick_training_lowers_the_loss(quick_inspector):
+    _, losses = quick_inspector
+    assert len(losses) == InspectorConfig.quick().steps
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_inspect_reads_keypoints_and_values_of_each_attribute(quick_inspector):
+    model, _ = quick_inspector
+    samples = random_samples(HELDOUT_IDS, 6, seed=0)
+    read = inspect(model, images_to_tensor([s.image for s in samples]), batch_size=4)  # two batches
+    assert read["kps"].shape == (6, 5, 2)
+    for name, values in ATTRIBUTES.items():
+        assert len(read[name]) == 6 and set(read[name]) <= set(values), name
+
+
+def test_keypoint_error_is_the_mean_distance_in_pixels():
+    kps = torch.rand(3, 5, 2) * 32
+    assert keypoint_error(kps, kps) == 0.0
+    assert keypoint_error(kps + torch.tensor([3.0, 4.0]), kps) == pytest.approx(5.0)
+
+
+def test_caption_accuracy_counts_each_attribute_and_all_four():
+    captions = [Caption("blue", "neutral", "none", "flat"), Caption("red", "smiling", "hat", "outline"),
+                Caption("green", "neutral", "glasses", "flat"), Caption("stripes", "smiling", "none", "outline")]
+    read = {"background": ["blue", "red", "green", "blue"],  # the last one wrong
+            "expression": ["neutral", "smiling", "smiling", "smiling"],  # the third wrong
+            "accessory": ["none", "hat", "glasses", "none"],  # all right
+            "style": ["flat", "flat", "flat", "outline"]}  # the second wrong
+    assert caption_accuracy(read, captions) == {
+        "background": 0.75, "expression": 0.75, "accessory": 1.0, "style": 0.75, "all": 0.25, "mean": 0.8125}
+
+
+def test_saved_inspector_loads_with_its_config_and_reads_the_same(quick_inspector, tmp_path):
+    model, _ = quick_inspector
+    save_inspector(model, tmp_path / "inspector.safetensors")  # stored as float16
+    loaded = load_inspector(tmp_path / "inspector.safetensors")
+    x = images_to_tensor([s.image for s in random_samples(HELDOUT_IDS, 16, seed=1)])
+    with torch.no_grad():
+        before, after = model(x), loaded(x)
+    assert loaded.config == model.config
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert (before["kps"] - after["kps"]).abs().max() < 0.05  # pixels: float16 weights move keypoints negligibly
+    assert inspect(model, x)["background"] == inspect(loaded, x)["background"]
+
+
+def test_a_missing_inspector_says_how_to_train_it(tmp_path):
+    with pytest.raises(ModelFilesMissingError, match="python -m instantid_lab.miniature.train inspector"):
+        load_inspector(tmp_path / "inspector.safetensors")
+
+
+# ----------------------------------------------------------------------------- held-out task and judges
+
+
+def test_heldout_task_is_deterministic_and_holds_only_heldout_identities():
+    task, again, other = HeldoutTask.make(5, seed=3), HeldoutTask.make(5, seed=3), HeldoutTask.make(5, seed=4)
+    pixels = lambda t: np.stack([np.asarray(s.image) for s in t.references + t.targets])
+    assert np.array_equal(pixels(task), pixels(again)) and task.prompts() == again.prompts()
+    assert not np.array_equal(pixels(task), pixels(other))  # another seed, other poses and captions
+    assert len(set(task.ids)) == 5 and all(i in HELDOUT_IDS for i in task.ids)
+    for i, reference, target in zip(task.ids, task.references, task.targets):
+        assert reference.identity_id == target.identity_id == i
+        assert (reference.pose, reference.caption) != (target.pose, target.caption)
+    assert [len(g) for g in task.gallery] == [3] * 5
+    assert task.prompts() == [t.caption.text() for t in task.targets]
+    assert all(k.size == (32, 32) for k in task.keypoint_images())
+
+
+@pytest.fixture(scope="module")
+def shipped_judges():
+    task = HeldoutTask.make(12, seed=0)
+    return task, Judges(task, train.load_recognizer(EVALUATOR), load_inspector(INSPECTOR))
+
+
+def test_judges_score_the_real_targets_far_above_chance(shipped_judges):
+    task, judges = shipped_judges
+    scores = judges.score([s.image for s in task.targets])
+    assert scores["rank1"] >= 0.75  # chance: 1 / 12
+    assert scores["keypoint_error_px"] < 1.5
+    assert scores["caption_accuracy"]["mean"] > 0.8
+    shuffled = judges.score([s.image for s in task.targets[1:] + task.targets[:1]])  # image k shows identity k + 1
+    assert shuffled["rank1"] <= 0.25
+    assert shuffled["identity_similarity"] < scores["identity_similarity"] - 0.3
+    assert shuffled["keypoint_error_px"] > 2 * scores["keypoint_error_px"]
+
+
+# ----------------------------------------------------------------------------- face analyzer
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    return get_face_analyzer("miniature")
+
+
+def test_miniature_analyzer_finds_the_rendered_keypoints_and_the_conditioning_embedding(analyzer):
+    samples = random_samples(HELDOUT_IDS, 8, seed=5)
+    faces = [analyzer.get_face(s.image) for s in samples]
+    assert mean_distance([f.kps for f in faces], [s.kps for s in samples]) < 1.5
+    assert analyzer.embedding_dim == 64 and faces[0].embedding.shape == (64,)
+    assert np.linalg.norm(faces[0].embedding) == pytest.approx(1.0, abs=1e-5)
+    conditioner = train.load_recognizer(CONDITIONER)
+    expected = embed_images(conditioner, images_to_tensor([samples[0].image]))[0].numpy()
+    np.testing.assert_allclose(faces[0].embedding, expected, atol=1e-5)
+
+
+def test_miniature_analyzer_scales_keypoints_to_a_larger_image(analyzer):
+    samples = random_samples(HELDOUT_IDS, 4, seed=6)
+    big = [s.image.resize((128, 128), Image.NEAREST) for s in samples]  # box-downsampling gives back the render
+    faces, small = [analyzer.get_face(b) for b in big], [analyzer.get_face(s.image) for s in samples]
+    assert mean_distance([f.kps for f in faces], [4 * s.kps for s in samples]) < 4 * 1.5
+    np.testing.assert_allclose(np.stack([f.kps for f in faces]), 4 * np.stack([f.kps for f in small]), atol=1e-3)
+    for face in faces:
+        x1, y1, x2, y2 = face.bbox
+        (kx1, ky1), (kx2, ky2) = face.kps.min(0), face.kps.max(0)
+        assert x1 < kx1 < kx2 < x2 and y1 < ky1 < ky2 < y2  # the box holds the keypoints
+
+
+def test_miniature_analyzer_takes_no_options():
+    with pytest.raises(InputError, match="no options"):
+        get_face_analyzer("miniature", det_thresh=0.4)
+
+
+# ----------------------------------------------------------------------------- the shipped pipeline
+
+
+def test_load_pipeline_miniature_generates_32px_images_the_same_for_the_same_seed():
+    pipe = load_pipeline("miniature")
+    assert isinstance(pipe, InstantIDPipeline) and pipe.controlnet is not None and pipe.has_identity_attention
+    pipe.set_progress_bar_config(disable=True)
+    reference, target = render_id(1_000_001), render_id(1_000_001, Pose(roll=10.0), Caption("red", "smiling"))
+    embedding = embed_images(train.load_recognizer(CONDITIONER), images_to_tensor([reference.image]))[0]
+    run = lambda seed: pipe(target.caption.text(), embedding, keypoint_image(target.kps), num_inference_steps=3,
+                            generator=torch.Generator().manual_seed(seed)).images[0]
+    first, again, other = run(0), run(0), run(1)
+    assert first.size == (32, 32)
+    assert np.array_equal(np.asarray(first), np.asarray(again))
+    assert not np.array_equal(np.asarray(first), np.asarray(other))
+
+
+# ----------------------------------------------------------------------------- scoring during training
+
+
+def toy_problem():
+    """A linear regression for `train_loop`: (model, loss_fn, on_checkpoint)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+
+    def loss_fn(generator):
+        index = torch.randint(len(x), (8,), generator=generator)
+        return F.mse_loss(model(x[index]), y[index])
+
+    def on_checkpoint(step):
+        with torch.no_grad():
+            return {"loss": float(F.mse_loss(model(x), y)), "training": model.training}
+
+    return model, loss_fn, on_checkpoint
+
+
+SETTINGS = train.LoopSettings(steps=6, lr=0.3, checkpoint_every=2)
+
+
+def run_toy(out, **kw) -> dict:
+    model, loss_fn, on_checkpoint = toy_problem()
+    return train.train_loop("toy", model, loss_fn, SETTINGS, out, progress=False, on_checkpoint=on_checkpoint, **kw)
+
+
+def test_on_checkpoint_scores_step_0_and_every_checkpoint_in_eval_mode(tmp_path):
+    state = run_toy(tmp_path)
+    assert [e["step"] for e in state["evals"]] == [0, 2, 4, 6]
+    assert not any(e["training"] for e in state["evals"])
+    assert state["evals"][-1]["loss"] < 0.5 * state["evals"][0]["loss"]
+
+
+def test_scores_survive_an_interruption_and_the_resumed_run_continues_them(tmp_path):
+    whole = run_toy(tmp_path / "whole")
+    partial = run_toy(tmp_path / "resumed", stop_after=3)
+    assert [e["step"] for e in partial["evals"]] == [0, 2, 3] and not partial["finished"]
+    resumed = run_toy(tmp_path / "resumed")  # a new process would start like this: fresh model, same folder
+    assert [e["step"] for e in resumed["evals"]] == [0, 2, 3, 4, 6] and resumed["finished"]
+    assert resumed["evals"][:3] == partial["evals"]
+    for got, want in zip(resumed["evals"][3:], whole["evals"][2:]):  # same batches as the uninterrupted run
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def quick_base(tmp_path_factory):
+    """A base trained at the quick presets, with two tiny random recognisers (64-d), in its own folder."""
+    out = tmp_path_factory.mktemp("quick_base")
+    train.train_autoencoder(AutoencoderConfig.quick(), out, progress=False)
+    train.train_base(BaseConfig.quick(), out, progress=False)
+    for role, seed in (("conditioner", 0), ("evaluator", 1)):
+        config = replace(RecognizerConfig.tiny(), embedding_dim=64, seed=seed)
+        torch.manual_seed(seed)
+        save_file(FaceRecognizer(config).state_dict(), str(out / f"recognizer_{role}.safetensors"),
+                  metadata={"config": json.dumps(config_dict(config))})
+    return out
+
+
+def test_train_instantid_on_a_base_folder_writes_parts_and_scores_into_another(quick_base, tmp_path):
+    base_files = sorted(p.name for p in quick_base.iterdir())
+    out = tmp_path / "retrained"
+    config = InstantIDConfig.quick()
+    report = train.train_instantid(config, out, base=quick_base, track=2, progress=False)
+    steps = list(range(0, config.steps + 1, config.checkpoint_every))
+    assert [e["step"] for e in report["evals"]] == steps
+    assert all(0 <= e["rank1"] <= 1 and -1 <= e["identity_similarity"] <= 1 for e in report["evals"])
+    assert json.loads((out / "instantid.json").read_text())["evals"] == report["evals"]
+    assert (out / ADAPTER_FILE).is_file() and (out / "identitynet" / "config.json").is_file()
+    assert sorted(p.name for p in quick_base.iterdir()) == base_files  # nothing written into the base folder
+    pipe = load_miniature(quick_base, instantid=out)
+    assert pipe.controlnet is not None and pipe.has_identity_attention
