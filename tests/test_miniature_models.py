@@ -58,6 +58,34 @@ def test_autoencoder_stage_saves_a_vae_with_a_measured_scaling_factor(trained):
     assert report["loss"]["last"] < report["loss"]["first"]
 
 
+def test_decoder_finetuning_keeps_the_latents_and_lowers_the_reconstruction_error(tmp_path):
+    config = replace(AutoencoderConfig.quick(), decoder_steps=30, decoder_lr=5e-3, decoder_train_images=16)
+    vae = build_autoencoder(config)
+    images = train.render_images(train.TRAIN_IDS, 16, seed=11)  # the images finetune_decoder trains on
+
+    def measure():
+        with torch.no_grad():
+            z = vae.encode(images).latent_dist.mean
+            return z, float(((vae.decode(z).sample - images) ** 2).mean())
+
+    encoder_before = {k: v.clone() for k, v in vae.state_dict().items() if not k.startswith(("decoder", "post_quant"))}
+    z_before, error_before = measure()
+    state = train.finetune_decoder(vae, config, tmp_path, progress=False)
+    z_after, error_after = measure()
+    assert state["finished"] and state["step"] == 30
+    # the encoder, hence the latent space, is untouched (latents equal up to kernel round-off)
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in encoder_before.items())
+    assert torch.allclose(z_before, z_after, atol=1e-5)
+    assert error_after < 0.7 * error_before
+    assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_autoencoder_report_has_both_phases(trained):
+    _, report, _ = trained
+    assert report["decoder_steps"] == AutoencoderConfig.quick().decoder_steps
+    assert {"heldout_psnr_db_after_joint_training", "heldout_psnr_db"} <= set(report)
+
+
 def test_caption_tokenizer_keeps_every_caption_word_whole():
     tokenizer = caption_tokenizer()
     text = Caption("stripes", "smiling", "hat", "outline").text()

@@ -6,7 +6,9 @@ latents unchanged (`vae.decode(latents / scaling_factor)`). Trained with
     L = |x - x_hat|_1 + |x - x_hat|_2^2 + beta * KL(q(z|x) || N(0, I))
 
 on rendered faces; after training, `scaling_factor` is set to 1 / std(z) so that the scaled latents
-the diffusion model sees have about unit standard deviation.
+the diffusion model sees have about unit standard deviation. Then the decoder alone is fine-tuned
+(L1 + MSE of decode(posterior mean), encoder frozen): the latent space stays fixed while the eyes and
+mouths, which the joint phase leaves blurred, sharpen (`train.finetune_decoder`).
 """
 
 from __future__ import annotations
@@ -32,12 +34,17 @@ class AutoencoderConfig:
     lr: float = 2e-3
     train_images: int = 4000
     checkpoint_every: int = 100
+    # phase 2: the decoder alone, on the frozen encoder's posterior means
+    decoder_steps: int = 1500
+    decoder_batch_size: int = 32
+    decoder_lr: float = 1e-3
+    decoder_train_images: int = 8000
 
     @classmethod
     def quick(cls) -> "AutoencoderConfig":
         """A few steps at reduced width: for tests and smoke runs."""
         return cls(block_out_channels=(8, 16), norm_num_groups=4, steps=10, batch_size=8, train_images=64,
-                   checkpoint_every=5)
+                   checkpoint_every=5, decoder_steps=4, decoder_batch_size=8, decoder_train_images=64)
 
     @classmethod
     def full(cls) -> "AutoencoderConfig":

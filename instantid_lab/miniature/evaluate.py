@@ -124,3 +124,56 @@ def format_table(result: dict) -> str:
         lines.append(f"| {name} | {r['rank1']:.3f} | {r['identity_similarity']:.3f} | {r['keypoint_error_px']:.2f} "
                      f"| {c['mean']:.3f} / {c['all']:.3f} |")
     return "\n".join(lines)
+
+
+def save_ablation(result: dict, out) -> None:
+    """Write `ablation.json` (scores), `ablation.md` (the table) and `ablation.png` (first 8 identities per row)."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.json").write_text(json.dumps({k: v for k, v in result.items() if k != "images"}, indent=2))
+    (out / "ablation.md").write_text(format_table(result) + f"\n\n{result['identities']} held-out identities, "
+                                     f"{result['sampler']}.\n")
+    rows = [im[:8] for im in result["images"].values()]
+    sheet = Image.new("RGB", (8 * 32, len(rows) * 32))
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            sheet.paste(im, (c * 32, r * 32))
+    sheet.resize((sheet.width * 3, sheet.height * 3), Image.NEAREST).save(out / "ablation.png")
+
+
+def main(argv=None) -> None:
+    """CLI: score base / adapter only / IdentityNet only / both on held-out identities and print the table."""
+    import argparse
+    from pathlib import Path
+
+    from ..data import MINIATURE_DIR
+    from .inspector import load_inspector
+    from .instantid import load_miniature
+    from .train import load_recognizer
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--folder", type=Path, default=MINIATURE_DIR, help="the miniature's weights")
+    parser.add_argument("--instantid", type=Path, default=None, help="a retrained InstantID on the same base")
+    parser.add_argument("--identities", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("outputs/ablation"))
+    args = parser.parse_args(argv)
+    pipe = load_miniature(args.folder, instantid=args.instantid)
+    pipe.set_progress_bar_config(disable=True)
+    models = [load_recognizer(args.folder / f"recognizer_{role}.safetensors") for role in ("conditioner", "evaluator")]
+    result = evaluate_ablations(pipe, *models, load_inspector(args.folder / "inspector.safetensors"),
+                                args.identities, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    save_ablation(result, args.out)
+    print(format_table(result))
+    print(f"{result['identities']} held-out identities (chance rank-1 {result['chance']:.3f}), {result['sampler']}; "
+          f"seconds per image: " + ", ".join(f"{k} {v['seconds_per_image']}" for k, v in result["rows"].items()
+                                              if "seconds_per_image" in v))
+
+
+if __name__ == "__main__":
+    main()

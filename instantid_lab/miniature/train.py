@@ -259,7 +259,12 @@ def _loss_summary(losses: list) -> dict:
 
 def train_autoencoder(config: "AutoencoderConfig", out: Path, stop_after: Optional[int] = None,
                       progress: bool = True) -> dict:
-    """Train the autoencoder, set its latent scaling factor, save it to `out/vae`; return its report."""
+    """Train the autoencoder, set its latent scaling factor, fine-tune its decoder, save it to `out/vae`.
+
+    Two phases, each resumable: (1) encoder + decoder jointly (`config.steps`), after which the latent
+    scale is fixed; (2) the decoder alone on the frozen encoder's posterior means (`config.decoder_steps`):
+    the latents, hence everything trained on them, stay exactly as they are while reconstructions sharpen.
+    """
     from .autoencoder import build_autoencoder, latent_std, psnr, reconstruction_loss
 
     images = render_images(TRAIN_IDS, config.train_images, seed=1)
@@ -275,12 +280,42 @@ def train_autoencoder(config: "AutoencoderConfig", out: Path, stop_after: Option
     if not state["finished"]:
         return state
     vae.register_to_config(scaling_factor=1.0 / latent_std(vae, images[:1024]))
-    vae.save_pretrained(str(Path(out) / "vae"), safe_serialization=True)
     held = render_images(HELDOUT_IDS, 256, seed=2)
+    joint_psnr = psnr(vae, held)
+    decoder = finetune_decoder(vae, config, out, progress=progress)
+    if not decoder["finished"]:
+        return decoder
+    vae.save_pretrained(str(Path(out) / "vae"), safe_serialization=True)
     return _write_report(out, "autoencoder", {
         "config": config.__dict__, "steps": state["step"], "train_seconds": round(state["seconds"], 1),
         "loss": _loss_summary(state["losses"]), "scaling_factor": vae.config.scaling_factor,
+        "heldout_psnr_db_after_joint_training": round(joint_psnr, 2),
+        "decoder_steps": decoder["step"], "decoder_train_seconds": round(decoder["seconds"], 1),
+        "decoder_loss": _loss_summary(decoder["losses"]),
         "heldout_psnr_db": round(psnr(vae, held), 2), "train_psnr_db": round(psnr(vae, images[:256]), 2)})
+
+
+def finetune_decoder(vae, config: "AutoencoderConfig", out: Path, progress: bool = True) -> dict:
+    """Phase 2 of the autoencoder: L1 + MSE of decode(posterior mean) with the encoder frozen."""
+    import torch.nn.functional as F
+
+    images = render_images(TRAIN_IDS, config.decoder_train_images, seed=11)
+    vae.requires_grad_(False)
+    with torch.no_grad():
+        means = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+
+    def loss_fn(generator):
+        index = torch.randint(len(images), (config.decoder_batch_size,), generator=generator)
+        recon = vae.decode(means[index]).sample
+        return F.l1_loss(recon, images[index]) + F.mse_loss(recon, images[index])
+
+    settings = LoopSettings(config.decoder_steps, config.decoder_lr, warmup=min(50, config.decoder_steps // 10),
+                            weight_decay=1e-4, checkpoint_every=config.checkpoint_every)
+    state = train_loop("autoencoder_decoder", vae, loss_fn, settings, out, progress=progress)
+    vae.requires_grad_(False)
+    return state
 
 
 def render_images(identity_ids, n: int, seed: int) -> torch.Tensor:
