@@ -13,7 +13,7 @@ Modules, one concept each (the paper's terms):
 - `pipeline`       `InstantIDPipeline`, a diffusers pipeline (verb-named stages)
 - `loading`        building pipelines: real SDXL weights from local folders, or tiny ones
 - `tiny`           tiny random components, for tests only
-- `miniature`      the small world InstantID is trained on, on a CPU (work in progress)
+- `miniature`      InstantID trained end to end on a CPU in a small cartoon-face world (weights in data/miniature)
 - `viz`, `widgets` figures and the interactive explorers the notebooks use
 - `notebooks`      `python -m instantid_lab.notebooks`: run every notebook headless
 - `data`           the bundled photos and their index

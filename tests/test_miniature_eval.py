@@ -251,8 +251,12 @@ def quick_base(tmp_path_factory):
 def test_train_instantid_on_a_base_folder_writes_parts_and_scores_into_another(quick_base, tmp_path):
     base_files = sorted(p.name for p in quick_base.iterdir())
     out = tmp_path / "retrained"
-    config = InstantIDConfig.quick()
+    config = replace(InstantIDConfig.quick(), eval_identities=2)
     report = train.train_instantid(config, out, base=quick_base, track=2, progress=False)
+    held = report["heldout_identity"]
+    assert held["identities"] == 2 and {"real renders", "instantid", "base only"} <= set(held)
+    assert all({"rank1", "identity_similarity"} <= set(held[k]) for k in ("real renders", "instantid", "base only"))
+    assert (out / "instantid_samples.png").is_file()
     steps = list(range(0, config.steps + 1, config.checkpoint_every))
     assert [e["step"] for e in report["evals"]] == steps
     assert all(0 <= e["rank1"] <= 1 and -1 <= e["identity_similarity"] <= 1 for e in report["evals"])

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..adapter import Resampler, ResamplerConfig
-from ..attention import adapter_processors, install_adapter
+from ..attention import install_adapter
 from ..errors import ModelFilesMissingError
 from ..identitynet import identitynet_from_unet, run_identitynet
 from ..keypoints import draw_kps
@@ -171,7 +171,7 @@ def load_miniature(folder: Path, instantid: Optional[Path] = None):
     identitynet = ControlNetModel.from_pretrained(parts / "identitynet", **f32) if has_identitynet else None
     pipe = InstantIDPipeline(
         AutoencoderKL.from_pretrained(folder / "vae", **f32),
-        CLIPTextModel.from_pretrained(folder / "text_encoder", **f32), None,
+        _quietly(CLIPTextModel.from_pretrained, folder / "text_encoder", **f32), None,
         CLIPTokenizer.from_pretrained(folder / "tokenizer"), None,
         UNet2DConditionModel.from_pretrained(folder / "unet", **f32), identitynet,
         DDIMScheduler.from_pretrained(folder / "scheduler"))
@@ -180,38 +180,14 @@ def load_miniature(folder: Path, instantid: Optional[Path] = None):
     return pipe
 
 
-@torch.no_grad()
-def identity_rank1(pipe, conditioner, evaluator, n_identities: int = 48, steps: int = 20, guidance_scale: float = 3.0,
-                   adapter_scale: float = 1.0, identitynet_scale: float = 1.0, seed: int = 0) -> dict:
-    """Zero-shot identity transfer on held-out identities, scored by the *evaluating* recogniser.
+def _quietly(load, *args, **kwargs):
+    """`load(*args, **kwargs)` without transformers' per-file progress bar (a 0.1 M-parameter model loads at once)."""
+    from transformers.utils import logging as transformers_logging
 
-    For each of `n_identities` held-out ids: embed one render with the conditioner, generate with the
-    keypoints and caption of another render of the same id, and rank the generated face against a
-    gallery (mean evaluator embedding of 3 further renders per id). Rank-1 is the fraction whose best
-    match is its own identity (chance 1 / n_identities); "real_rank1" scores the target renders themselves.
-    """
-    from .recognizer import embed_images, images_to_tensor
-    from .world import HELDOUT_IDS, Caption, Pose, render_id
-
-    rng = np.random.default_rng(seed)
-    ids = list(HELDOUT_IDS)[:n_identities]
-    draw = lambda i: render_id(i, Pose.sample(rng), Caption.sample(rng))
-    refs, targets = [draw(i) for i in ids], [draw(i) for i in ids]
-    gallery = torch.stack([embed_images(evaluator, images_to_tensor([draw(i).image for _ in range(3)])).mean(0)
-                           for i in ids])  # [K, E]
-    embeds = embed_images(conditioner, images_to_tensor([s.image for s in refs]))  # [K, 64]
-    images = pipe([s.caption.text() for s in targets], list(embeds), [keypoint_image(s.kps) for s in targets],
-                  adapter_scale=adapter_scale, identitynet_scale=identitynet_scale, num_inference_steps=steps,
-                  guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed)).images
-    real = [s.image for s in targets]
-    return {"rank1": rank1(evaluator, images, gallery), "real_rank1": rank1(evaluator, real, gallery),
-            "chance": 1 / len(ids), "identities": len(ids), "images": images}
-
-
-@torch.no_grad()
-def rank1(evaluator, images: Sequence[Image.Image], gallery: Tensor) -> float:
-    """Fraction of `images` (image k shows identity k) whose most similar gallery row [K, E] is row k."""
-    from .recognizer import embed_images, images_to_tensor
-
-    similarity = embed_images(evaluator, images_to_tensor(images)) @ gallery.T  # [K, K]
-    return float((similarity.argmax(1) == torch.arange(len(images))).float().mean())
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        return load(*args, **kwargs)
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()

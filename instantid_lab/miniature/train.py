@@ -469,8 +469,9 @@ def identity_tracker(pipe, base: Path, n_identities: int, steps: int = 10) -> Ca
 
 
 def evaluate_instantid(base: Path, n_identities: int, instantid: Optional[Path] = None) -> dict:
-    """Held-out rank-1 identity accuracy (evaluating recogniser) with InstantID on and off; a PNG grid."""
-    from .instantid import identity_rank1, load_miniature
+    """Held-out identity scores (evaluating recogniser) with InstantID on and off; a PNG grid of samples."""
+    from .evaluate import evaluate_ablations
+    from .instantid import load_miniature
 
     out = Path(instantid) if instantid is not None else Path(base)
     evaluator_path = Path(base) / "recognizer_evaluator.safetensors"
@@ -478,12 +479,12 @@ def evaluate_instantid(base: Path, n_identities: int, instantid: Optional[Path] 
         return {}
     pipe = load_miniature(base, instantid=out)
     pipe.set_progress_bar_config(disable=True)
-    models = load_recognizer(Path(base) / "recognizer_conditioner.safetensors"), load_recognizer(evaluator_path)
-    on = identity_rank1(pipe, *models, n_identities=n_identities)
-    off = identity_rank1(pipe, *models, n_identities=n_identities, adapter_scale=0.0, identitynet_scale=0.0)
-    save_grid(images_to_tensor(on["images"][:32]), out / "instantid_samples.png", columns=8)
-    return {"heldout_identity": {"instantid": {k: v for k, v in on.items() if k != "images"},
-                                 "base_only": off["rank1"], "sampler": "DDIM 20 steps, guidance 3.0, scales 1.0"}}
+    conditioner = load_recognizer(Path(base) / "recognizer_conditioner.safetensors")
+    result = evaluate_ablations(pipe, conditioner, load_recognizer(evaluator_path), None, n_identities,
+                                ablations={"instantid": (1.0, 1.0), "base only": (0.0, 0.0)})
+    save_grid(images_to_tensor(result["images"]["instantid"][:32]), out / "instantid_samples.png", columns=8)
+    return {"heldout_identity": {**result["rows"], "chance": result["chance"], "identities": result["identities"],
+                                 "sampler": result["sampler"] + ", scales 1.0"}}
 
 
 def instantid_objective(parts, unet, text_encoder, tokenizer, data: dict, config: "InstantIDConfig") -> Callable:
