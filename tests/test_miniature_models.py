@@ -166,3 +166,21 @@ def test_keypoint_image_puts_each_point_in_its_colour_at_its_position():
     for (x, y), colour in zip(kps.astype(int), colours):
         assert np.abs(image[y, x] - colour).max() < 60, (x, y, image[y, x], colour)
     assert image[0, 0].sum() == 0  # black canvas
+
+
+def test_a_stage_runs_unchanged_under_accelerate_launch(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    command = [launcher, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "instantid_lab.miniature.train", "autoencoder", "--preset", "quick",
+               "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "autoencoder.json").read_text())
+    assert report["steps"] == AutoencoderConfig.quick().steps
+    assert (tmp_path / "vae" / "config.json").is_file()
