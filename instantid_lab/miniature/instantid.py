@@ -52,7 +52,7 @@ class InstantIDConfig:
     resampler_depth: int = 2
     embedding_dim: int = 64  # the conditioning recogniser's output
     conditioning_channels: tuple = (16, 32)  # one 2x downsampling: 32 px keypoint image -> 16x16 latents
-    steps: int = 5000
+    steps: int = 11000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100
