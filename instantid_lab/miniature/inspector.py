@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .recognizer import conv_trunk
 from .world import ACCESSORIES, BACKGROUNDS, EXPRESSIONS, STYLES, TRAIN_IDS, Caption, random_samples
 
 #: Caption attribute -> its possible values, in the order of the classifier's logits.
@@ -60,14 +61,9 @@ class FaceInspector(nn.Module):
     def __init__(self, config: InspectorConfig = InspectorConfig()):
         super().__init__()
         self.config = config
-        blocks, in_ch = [], 3
-        for width in config.widths:
-            blocks += [nn.Conv2d(in_ch, width, 3, padding=1), nn.BatchNorm2d(width), nn.SiLU(),
-                       nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.SiLU(), nn.MaxPool2d(2)]
-            in_ch = width
-        self.features = nn.Sequential(*blocks)
+        self.features = conv_trunk(config.widths)
         side = config.image_size // 2 ** len(config.widths)
-        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(in_ch * side * side, 256), nn.SiLU())
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(config.widths[-1] * side * side, 256), nn.SiLU())
         self.kps = nn.Linear(256, 10)
         self.heads = nn.ModuleDict({name: nn.Linear(256, len(values)) for name, values in ATTRIBUTES.items()})
 

@@ -46,19 +46,24 @@ class RecognizerConfig:
         return cls(widths=(8, 16), embedding_dim=16, seed=0)
 
 
+def conv_trunk(widths: Sequence[int]) -> nn.Sequential:
+    """Per width: two 3x3 conv + BatchNorm + SiLU, then 2x max-pooling; [B, 3, H, W] -> [B, widths[-1], H/2^n, W/2^n]."""
+    blocks, in_ch = [], 3
+    for width in widths:
+        blocks += [nn.Conv2d(in_ch, width, 3, padding=1), nn.BatchNorm2d(width), nn.SiLU(),
+                   nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.SiLU(), nn.MaxPool2d(2)]
+        in_ch = width
+    return nn.Sequential(*blocks)
+
+
 class FaceRecognizer(nn.Module):
     """Image [B, 3, H, W] in [-1, 1] -> raw embedding [B, embedding_dim] (compare with cosine)."""
 
     def __init__(self, config: RecognizerConfig = RecognizerConfig()):
         super().__init__()
         self.config = config
-        blocks, in_ch = [], 3
-        for width in config.widths:
-            blocks += [nn.Conv2d(in_ch, width, 3, padding=1), nn.BatchNorm2d(width), nn.SiLU(),
-                       nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.SiLU(), nn.MaxPool2d(2)]
-            in_ch = width
-        self.features = nn.Sequential(*blocks)
-        self.embed = nn.Linear(in_ch, config.embedding_dim)
+        self.features = conv_trunk(config.widths)
+        self.embed = nn.Linear(config.widths[-1], config.embedding_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.features(images)  # [B, C, h, w]
