@@ -21,9 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .recognizer import conv_trunk
+from .recognizer import conv_trunk, fit_one_cycle
 from .world import ACCESSORIES, BACKGROUNDS, EXPRESSIONS, STYLES, TRAIN_IDS, Caption, random_samples
 
 #: Caption attribute -> its possible values, in the order of the classifier's logits.
@@ -95,20 +94,12 @@ def train_inspector(config: InspectorConfig, progress: bool = True) -> tuple[Fac
     images, targets = images_to_tensor([s.image for s in samples]), _targets(samples)
     torch.manual_seed(config.seed)
     model = FaceInspector(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps,
-                                                   pct_start=0.1)
-    generator = torch.Generator().manual_seed(config.seed)
-    losses = []
-    model.train()
-    for _ in tqdm(range(config.steps), desc="inspector", disable=not progress):
-        index = torch.randint(len(images), (config.batch_size,), generator=generator)
-        loss = inspector_loss(model(images[index]), {k: v[index] for k, v in targets.items()}, config.image_size)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+
+    def batch_loss(index: Tensor) -> Tensor:
+        return inspector_loss(model(images[index]), {k: v[index] for k, v in targets.items()}, config.image_size)
+
+    losses = fit_one_cycle(model, list(model.parameters()), batch_loss, len(images), config.steps, config.batch_size,
+                           config.lr, config.seed, "inspector", progress)
     return model.eval(), losses
 
 

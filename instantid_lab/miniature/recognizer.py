@@ -111,20 +111,36 @@ def train_recognizer(config: RecognizerConfig, images: torch.Tensor, labels: tor
     torch.manual_seed(config.seed)
     model = FaceRecognizer(config)
     centres = nn.Parameter(torch.randn(int(labels.max()) + 1, config.embedding_dim))
-    optimizer = torch.optim.AdamW(list(model.parameters()) + [centres], lr=lr, weight_decay=1e-4)
+
+    def batch_loss(index: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(arcface_logits(model(images[index]), centres, labels[index]), labels[index])
+
+    losses = fit_one_cycle(model, [*model.parameters(), centres], batch_loss, len(labels), steps, batch_size, lr,
+                           config.seed, "recognizer", progress)
+    return model.eval(), losses
+
+
+def fit_one_cycle(model: nn.Module, params: list, batch_loss, n: int, steps: int, batch_size: int, lr: float,
+                  seed: int, desc: str, progress: bool = True) -> list[float]:
+    """The encoders' loop: AdamW (weight decay 1e-4) with a one-cycle schedule (10% warm-up), random batches.
+
+    :param batch_loss: maps the row indices of a batch (drawn from `n` pre-rendered samples with a generator
+        seeded by `seed`) to a scalar loss.
+    :return: the loss of every step.
+    """
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
-    for _ in tqdm(range(steps), desc="recognizer", disable=not progress):
-        index = torch.randint(len(labels), (batch_size,), generator=generator)
-        loss = F.cross_entropy(arcface_logits(model(images[index]), centres, labels[index]), labels[index])
+    for _ in tqdm(range(steps), desc=desc, disable=not progress):
+        loss = batch_loss(torch.randint(n, (batch_size,), generator=generator))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-    return model.eval(), losses
+    return losses
 
 
 @torch.no_grad()
