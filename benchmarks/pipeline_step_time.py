@@ -24,7 +24,7 @@ import torch
 
 from instantid_lab.adapter import Resampler, ResamplerConfig
 from instantid_lab.keypoints import draw_kps
-from instantid_lab.pipeline import InstantIDPipeline
+from instantid_lab.pipeline import BatchGeometry, InstantIDPipeline
 from instantid_lab.tiny import TinyConfig, seeded, tiny_adapter_state, tiny_components
 
 PRESETS = {
@@ -60,7 +60,7 @@ def build(preset: str, device: str):
     kps_image = draw_kps([[x * size, y * size] for x, y in KPS], (size, size))
     embedding = torch.randn(16, generator=torch.Generator().manual_seed(0)) * 5
     with torch.no_grad():
-        tokens = kit.encode_identity(embedding, 1, 1, guided=True)  # [2, 77, C]: [negative, positive]
+        tokens = kit.encode_identity(embedding, BatchGeometry(1, 1, size, size, guided=True))  # [2, 77, C]: [neg, pos]
     return kit, reference, kps_image, embedding, tokens
 
 

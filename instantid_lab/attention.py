@@ -15,8 +15,8 @@ The UNet receives the identity tokens next to the text, never packed into it::
                                  "adapter_scale": 0.8,             # float or Tensor [B], optional
                                  "region_mask": mask})             # [B, 1, H, W] in [0, 1], optional
 
-A layer's identity scale = its processor's `scale` (per layer/block, `set_adapter_scale`) times
-`adapter_scale` (per call or per sample).
+A layer's identity scale = its processor's `layer_scale` (per layer/block, `set_layer_scale`)
+times the per-call `adapter_scale` (one number, or one per sample).
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import InputError
-
-Scale = Union[float, Tensor]
+from .types import Scale, per_sample_scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,18 +60,12 @@ def decoupled_cross_attention(
     if not isinstance(scale, Tensor) and scale == 0:
         return text
     identity = F.scaled_dot_product_attention(q, k_id, v_id)
-    weight = _per_sample(scale, q)                                     # float or [B, 1, 1, 1]
+    weight = per_sample_scale(scale, q.shape[0], name="scale")         # float or [B]
+    if isinstance(weight, Tensor):
+        weight = weight.to(q.device, q.dtype).reshape(-1, 1, 1, 1)     # [B] -> [B, 1, 1, 1]
     if region is not None:
         weight = weight * region.to(q.dtype)[:, None, :, None]         # [B, Lq] -> [B, 1, Lq, 1]
     return text + weight * identity
-
-
-def _per_sample(scale: Scale, ref: Tensor) -> Scale:
-    if not isinstance(scale, Tensor):
-        return float(scale)
-    if scale.ndim > 1 or scale.numel() not in (1, ref.shape[0]):
-        raise InputError(f"a scale tensor must have shape [] or [B] with B={ref.shape[0]}, got {tuple(scale.shape)}")
-    return scale.to(ref.device, ref.dtype).reshape(-1, 1, 1, 1)       # [B] -> [B, 1, 1, 1]
 
 
 def attention_probs(q: Tensor, k: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -205,15 +198,16 @@ class IdentityAttnProcessor(nn.Module):
 
     :param hidden_size: the layer's attention width (its `to_k` output width).
     :param cross_attention_dim: width of the text / identity tokens.
-    :param scale: this layer's identity scale (multiplies the per-call `adapter_scale`).
+    :param layer_scale: this layer's identity scale (multiplies the per-call `adapter_scale`).
     :param device: where to create the two projections (factory argument, like torch's layers).
     :param dtype: their dtype.
     """
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, scale: float = 1.0,
+    def __init__(self, hidden_size: int, cross_attention_dim: int, layer_scale: float = 1.0,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        self.hidden_size, self.cross_attention_dim, self.scale = hidden_size, cross_attention_dim, float(scale)
+        self.hidden_size, self.cross_attention_dim = hidden_size, cross_attention_dim
+        self.layer_scale = float(layer_scale)
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False, device=device, dtype=dtype)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False, device=device, dtype=dtype)
         #: set only inside `capture_attention`: called with (text probs, identity probs or None)
@@ -252,15 +246,10 @@ class IdentityAttnProcessor(nn.Module):
         return split_heads(self.to_k_ip(t), heads), split_heads(self.to_v_ip(t), heads)
 
     def effective_scale(self, adapter_scale: Optional[Scale], batch: int) -> Scale:
-        """This layer's scale times the per-call `adapter_scale` (None = 1): a float or a Tensor [B]."""
+        """This layer's `layer_scale` times the per-call `adapter_scale` (None = 1): a float or a Tensor [B]."""
         if adapter_scale is None:
-            return self.scale
-        if isinstance(adapter_scale, (int, float)):
-            return self.scale * float(adapter_scale)
-        s = torch.as_tensor(adapter_scale, dtype=torch.float32)
-        if s.ndim > 1 or s.numel() not in (1, batch):
-            raise InputError(f"adapter_scale must be a float or a tensor of shape [{batch}], got {tuple(s.shape)}")
-        return self.scale * s.reshape(-1)
+            return self.layer_scale
+        return self.layer_scale * per_sample_scale(adapter_scale, batch, name="adapter_scale")
 
     @torch.no_grad()
     def init_from(self, attn) -> "IdentityAttnProcessor":
@@ -270,7 +259,8 @@ class IdentityAttnProcessor(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, cross_attention_dim={self.cross_attention_dim}, scale={self.scale}"
+        return (f"hidden_size={self.hidden_size}, cross_attention_dim={self.cross_attention_dim}, "
+                f"layer_scale={self.layer_scale}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +283,7 @@ def is_cross_attention(name: str, attn: nn.Module) -> bool:
     return bool(getattr(attn, "is_cross_attention", name.endswith("attn2")))
 
 
-def install_adapter(unet: nn.Module, scale: float = 1.0) -> nn.ModuleList:
+def install_adapter(unet: nn.Module, layer_scale: float = 1.0) -> nn.ModuleList:
     """Put an `IdentityAttnProcessor` on every cross-attention layer, a `PlainAttnProcessor` elsewhere.
 
     The new projections start as copies of each layer's text projections; load trained weights
@@ -301,14 +291,14 @@ def install_adapter(unet: nn.Module, scale: float = 1.0) -> nn.ModuleList:
     processors (with fresh weights); it never stacks.
 
     :param unet: a diffusers UNet (any device, the meta device included).
-    :param scale: every layer's identity scale.
+    :param layer_scale: every layer's identity scale (multiplies the per-call `adapter_scale`).
     :return: all processors in `attn_processors` order; its state-dict keys are the checkpoint's
         ("1.to_k_ip.weight", "1.to_v_ip.weight", "3.to_k_ip.weight", ...).
     """
     for name, attn in attention_layers(unet):
         if is_cross_attention(name, attn):
             w = attn.to_k.weight
-            proc = IdentityAttnProcessor(attn.to_k.out_features, attn.to_k.in_features, scale,
+            proc = IdentityAttnProcessor(attn.to_k.out_features, attn.to_k.in_features, layer_scale,
                                          device=w.device, dtype=w.dtype).init_from(attn)
         else:
             proc = PlainAttnProcessor()
@@ -340,28 +330,28 @@ def remove_adapter(unet: nn.Module) -> None:
         attn.set_processor(AttnProcessor2_0() if getattr(attn, "scale_qk", True) else AttnProcessor())
 
 
-def set_adapter_scale(unet: nn.Module, scale: Union[float, Mapping[str, float]]) -> dict[str, float]:
-    """Set each layer's identity scale.
+def set_layer_scale(unet: nn.Module, layer_scale: Union[float, Mapping[str, float]]) -> dict[str, float]:
+    """Set each layer's identity scale (`IdentityAttnProcessor.layer_scale`).
 
     A float sets every layer. A dict maps name prefixes ("down", "mid", "up", "up_blocks.0",
     "down_blocks.2.attentions.1", ...) to scales: the longest matching prefix wins and layers no
-    prefix matches get 0 (so ``{"up": 1.0}`` means "identity in the up blocks only").
+    prefix matches get 0 (so ``{"up": 1.0}`` means "identity in the up blocks only"). The per-call
+    `adapter_scale` multiplies these.
 
-    :return: layer name -> its scale now.
+    :return: layer name -> its layer scale now.
     :raises InputError: no adapter installed, or a prefix that matches no layer.
     """
     procs = identity_processors(unet)
     if not procs:
         raise InputError("no image adapter is installed on this UNet: call install_adapter(unet) first")
-    if not isinstance(scale, Mapping):
-        scale = {"": float(scale)}
-    unused = [p for p in scale if not any(_has_prefix(n, p) for n in procs)]
+    by_prefix = layer_scale if isinstance(layer_scale, Mapping) else {"": float(layer_scale)}
+    unused = [p for p in by_prefix if not any(_has_prefix(n, p) for n in procs)]
     if unused:
         raise InputError(f"no cross-attention layer matches {unused}; layers look like {next(iter(procs))!r}")
     for name, proc in procs.items():
-        matches = [p for p in scale if _has_prefix(name, p)]
-        proc.scale = float(scale[max(matches, key=len)]) if matches else 0.0
-    return {n: p.scale for n, p in procs.items()}
+        matches = [p for p in by_prefix if _has_prefix(name, p)]
+        proc.layer_scale = float(by_prefix[max(matches, key=len)]) if matches else 0.0
+    return {n: p.layer_scale for n, p in procs.items()}
 
 
 def _has_prefix(name: str, prefix: str) -> bool:

@@ -12,7 +12,6 @@ UNet's `attn_processors`; for SDXL the 70 cross-attention layers are i = 1, 3, .
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Mapping, Union
@@ -23,9 +22,9 @@ from torch import Tensor, nn
 from .adapter import describe_mismatch
 from .attention import attention_layers, is_cross_attention
 from .errors import CheckpointError, ModelFilesMissingError, UnsafeCheckpointError
+from .types import PathLike
 
 PARTS = ("image_proj", "ip_adapter")
-PathLike = Union[str, os.PathLike]
 
 #: cross-attention width -> the base model family that has it (to explain a mismatch)
 BASE_MODELS = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "SDXL"}

@@ -20,13 +20,14 @@ the same function, but see the text tokens.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import InputError
+from .types import Scale, per_sample_scale
 
 #: The published `ControlNetModel/config.json` of the released IdentityNet (SDXL 1.0).
 SDXL_IDENTITYNET_CONFIG = dict(
@@ -49,7 +50,6 @@ SDXL_IDENTITYNET_CONFIG = dict(
     norm_num_groups=32,
 )
 
-Scale = Union[float, Tensor]
 Residuals = tuple[list[Tensor], Tensor]
 
 
@@ -149,6 +149,7 @@ def controlnet_residuals(controlnet, latents: Tensor, timestep, context: Tensor,
     :param region_mask: shape [B, 1, H', W'] or None; resized to every residual's resolution.
     :return: (down residuals, mid residual), as `run_identitynet`.
     """
+    scale = per_sample_scale(scale, latents.shape[0], name="conditioning scale")  # float or [B]
     per_sample = isinstance(scale, Tensor)
     down, mid = controlnet(
         latents, timestep, encoder_hidden_states=context, controlnet_cond=cond_image,
@@ -156,16 +157,10 @@ def controlnet_residuals(controlnet, latents: Tensor, timestep, context: Tensor,
         added_cond_kwargs=added_cond_kwargs, return_dict=False,
     )
     if per_sample:
-        down, mid = scale_residuals(down, mid, _check_scale(scale, latents))
+        down, mid = scale_residuals(down, mid, scale.to(device=latents.device, dtype=latents.dtype))
     if region_mask is not None:
         down, mid = mask_residuals(down, mid, region_mask)
     return list(down), mid
-
-
-def _check_scale(scale: Tensor, latents: Tensor) -> Tensor:
-    if scale.ndim != 1 or scale.shape[0] != latents.shape[0]:
-        raise InputError(f"a per-sample scale must have shape [{latents.shape[0]}], got {tuple(scale.shape)}")
-    return scale.to(device=latents.device, dtype=latents.dtype)
 
 
 def scale_residuals(down: Sequence[Tensor], mid: Tensor, scale: Tensor) -> Residuals:

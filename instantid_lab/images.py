@@ -133,3 +133,28 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 def to_array(image: ImageLike) -> np.ndarray:
     """`load_image(image)` as a uint8 numpy array of shape [H, W, 3] (RGB)."""
     return np.asarray(load_image(image))
+
+
+def image_sheet(images, columns: int = 8, scale: int = 1) -> Image.Image:
+    """Images as one picture, `columns` per row (diffusers' `make_image_grid`), blank cells filling the
+    last row, enlarged `scale` times with nearest-neighbour sampling (so small images stay sharp).
+
+    :param images: PIL images or HWC arrays, all of one size; or a tensor [B, 3, H, W] in [-1, 1].
+    """
+    from diffusers.utils import make_image_grid
+
+    pils = _as_pil_list(images)
+    if not pils:
+        raise InputError("image_sheet needs at least one image")
+    columns = min(columns, len(pils))
+    rows = -(-len(pils) // columns)  # ceiling division
+    pils += [Image.new("RGB", pils[0].size)] * (rows * columns - len(pils))
+    sheet = make_image_grid(pils, rows, columns)
+    return sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST)
+
+
+def _as_pil_list(images) -> list[Image.Image]:
+    if hasattr(images, "permute"):  # a torch tensor [B, 3, H, W] in [-1, 1]
+        array = ((images.detach().float().cpu().permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255).byte().numpy()
+        return [Image.fromarray(a) for a in array]
+    return [load_image(x) for x in images]

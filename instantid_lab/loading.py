@@ -22,8 +22,7 @@ import torch
 
 from .data import DATA_DIR
 from .errors import ModelFilesMissingError
-
-PathLike = Union[str, os.PathLike]
+from .types import PathLike
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 INSTANTID_REPO = "InstantX/InstantID"
@@ -106,20 +105,20 @@ def check_model_files(base: PathLike = SDXL_BASE, instantid: Optional[PathLike] 
 
 def load_sdxl_instantid(base: PathLike = SDXL_BASE, instantid_dir: Optional[PathLike] = None,
                         torch_dtype: torch.dtype = torch.float32, device: Optional[Union[str, torch.device]] = None,
-                        adapter_scale: float = 1.0):
+                        layer_scale: float = 1.0):
     """`InstantIDPipeline` with SDXL 1.0, IdentityNet and the image adapter, from local files.
 
     :param base: a local diffusers SDXL folder, or a repo id already in the Hugging Face cache.
     :param instantid_dir: folder with ControlNetModel/ and ip-adapter.bin (default: $INSTANTID_DIR or models/instantid).
     :param torch_dtype: dtype of every model (float16 on GPUs; the VAE decodes in float32 when it must).
     :param device: where to move the pipeline, if given.
-    :param adapter_scale: every layer's identity scale (multiplies the per-call `adapter_scale`).
+    :param layer_scale: every layer's identity scale (multiplies the per-call `adapter_scale`).
     :raises ModelFilesMissingError: some files are missing; the message lists them and where they go.
     """
     folder, ids = check_model_files(base, instantid_dir)
     pipe = _build_pipeline(folder, ids / "ControlNetModel", torch_dtype)
     adapter = next(ids / f for f in ADAPTER_FILES if (ids / f).is_file())
-    pipe.load_adapter(adapter, scale=adapter_scale)
+    pipe.load_adapter(adapter, layer_scale=layer_scale)
     return pipe.to(device) if device is not None else pipe
 
 
@@ -138,34 +137,6 @@ def load_controlnet(folder: PathLike, torch_dtype: torch.dtype = torch.float32):
             "ControlNet there (e.g. an SDXL canny ControlNet) or pass another folder."
         )
     return ControlNetModel.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True)
-
-
-def load_pipeline(mode: str = "tiny", embedding_dim: int = 512, seed: int = 0, **kwargs):
-    """The pipeline a notebook runs on.
-
-    :param mode: "miniature" (the trained miniature shipped in `data/miniature`, any machine; real
-        identity and pose behaviour on 32-px cartoon faces; `kwargs` may give `folder`), "tiny"
-        (random weights, any machine; for looking at shapes) or "sdxl" (the real weights,
-        `load_sdxl_instantid(**kwargs)`).
-    :param embedding_dim: width of the identity embedding the tiny Resampler takes (the face
-        analyzer's: 512 for insightface, 128 for dlib); "sdxl" always takes 512.
-    :param seed: seeds the tiny weights.
-    :raises ModelFilesMissingError: "sdxl" and the files are missing (the message lists them).
-    """
-    if mode == "tiny":
-        from .tiny import tiny_pipeline
-
-        return tiny_pipeline("sdxl", seed=seed, embedding_dim=embedding_dim)
-    if mode == "sdxl":
-        return load_sdxl_instantid(**kwargs)
-    if mode == "miniature":
-        from .data import MINIATURE_DIR
-        from .miniature.instantid import load_miniature
-
-        return load_miniature(kwargs.get("folder", MINIATURE_DIR))
-    from .errors import InputError
-
-    raise InputError(f"mode must be 'miniature', 'tiny' or 'sdxl', got {mode!r}")
 
 
 def _build_pipeline(folder: Path, controlnet_dir: Path, torch_dtype: torch.dtype):

@@ -14,13 +14,13 @@ the tiny stack exists to check behaviours (shapes, batching, "scale 0 equals no 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
+from .building import byte_alphabet, seeded, word_tokenizer, word_vocab  # noqa: F401 (byte_alphabet: re-exported)
 from .errors import InputError
 
 #: Words the tiny tokenizer knows as whole tokens (anything else is spelled byte by byte).
@@ -95,56 +95,17 @@ def as_config(kind_or_config) -> TinyConfig:
     return presets[kind_or_config]()
 
 
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed torch's global generator inside the block and restore its state afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def byte_alphabet() -> list[str]:
-    """The 256 printable characters byte-level BPE uses for the bytes 0..255 (GPT-2 / CLIP mapping):
-    printable Latin-1 bytes stand for themselves, the others are shifted to code points 256+."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [b for b in range(256) if b not in keep]
-    table = dict(zip(keep, keep)) | {b: 256 + n for n, b in enumerate(shifted)}
-    return [chr(table[b]) for b in range(256)]
-
-
 def tiny_vocab(words=TINY_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A byte-level BPE vocabulary and merge list: every byte with and without the end-of-word
-    marker `</w>`, one merge chain per word in `words`, then `<|startoftext|>` and `<|endoftext|>`.
-
-    :return: (vocab token -> id, merges as (left, right) pairs in priority order).
-    """
-    alphabet = byte_alphabet()
-    tokens = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        merged = symbols[0]
-        for symbol in symbols[1:]:
-            if (merged, symbol) not in merges:
-                merges.append((merged, symbol))
-            merged += symbol
-            tokens.append(merged)
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {}
-    for token in tokens:
-        vocab.setdefault(token, len(vocab))
-    return vocab, merges
+    """The tiny byte-level BPE vocabulary: `building.word_vocab` of `words` (each one token)."""
+    return word_vocab(words)
 
 
 def tiny_tokenizer(max_length: int = 77):
     """A `CLIPTokenizer` on the tiny vocabulary (lower-cases, pads with `<|endoftext|>`)."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _cached_vocab()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
+    return word_tokenizer(TINY_WORDS, max_length)
 
 
 @lru_cache(maxsize=1)

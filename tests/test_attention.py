@@ -15,12 +15,13 @@ from instantid_lab.attention import (
     identity_processors,
     install_adapter,
     remove_adapter,
-    set_adapter_scale,
+    set_layer_scale,
     token_grid,
 )
 from instantid_lab.checkpoint import expected_ip_adapter_shapes
 from instantid_lab.errors import InputError
 from instantid_lab.tiny import TinyConfig, tiny_unet
+from instantid_lab.types import per_sample_scale
 
 CROSS_DIM = TinyConfig.sd().cross_attention_dim  # 32
 
@@ -173,7 +174,7 @@ def test_install_keys_are_the_checkpoint_layout(unet):
 def test_scale_zero_and_no_tokens_equal_the_plain_unet(unet, inputs, plain_out):
     torch.testing.assert_close(run(unet, inputs, None), plain_out, atol=1e-6, rtol=0)
     torch.testing.assert_close(run(unet, inputs, inputs["ids"], adapter_scale=0.0), plain_out, atol=1e-6, rtol=0)
-    set_adapter_scale(unet, 0.0)
+    set_layer_scale(unet, 0.0)
     torch.testing.assert_close(run(unet, inputs, inputs["ids"]), plain_out, atol=1e-6, rtol=0)
 
 
@@ -194,22 +195,40 @@ def test_per_sample_scales_equal_separate_runs(unet, inputs):
 
 
 def test_block_scales_by_prefix(unet, inputs, plain_out):
-    scales = set_adapter_scale(unet, {"down": 0.0, "up_blocks.1": 0.5})
+    scales = set_layer_scale(unet, {"down": 0.0, "up_blocks.1": 0.5})
     assert all(v == (0.5 if n.startswith("up_blocks.1") else 0.0) for n, v in scales.items())
     assert any(v == 0.5 for v in scales.values()) and any(n.startswith("mid") for n in scales)
     only_up = run(unet, inputs, inputs["ids"])
     assert (only_up - plain_out).abs().max() > 1e-4
-    set_adapter_scale(unet, {"up_blocks.1": 0.0})
+    set_layer_scale(unet, {"up_blocks.1": 0.0})
     torch.testing.assert_close(run(unet, inputs, inputs["ids"]), plain_out, atol=1e-6, rtol=0)
     with pytest.raises(InputError, match="sideways"):
-        set_adapter_scale(unet, {"sideways": 1.0})
+        set_layer_scale(unet, {"sideways": 1.0})
 
 
 def test_processor_scale_times_call_scale(unet, inputs):
-    set_adapter_scale(unet, 0.5)
+    set_layer_scale(unet, 0.5)
     a = run(unet, inputs, inputs["ids"], adapter_scale=0.8)
-    set_adapter_scale(unet, 1.0)
+    set_layer_scale(unet, 1.0)
     torch.testing.assert_close(a, run(unet, inputs, inputs["ids"], adapter_scale=0.4), atol=1e-6, rtol=1e-6)
+
+
+def test_layer_scale_at_install_equals_setting_it_later(unet, inputs):
+    halved = tiny_unet(TinyConfig.sd())
+    install_adapter(halved, layer_scale=0.5)
+    assert all(p.layer_scale == 0.5 for p in identity_processors(halved).values())
+    set_layer_scale(unet, 0.5)
+    torch.testing.assert_close(run(halved, inputs, inputs["ids"]), run(unet, inputs, inputs["ids"]), atol=0, rtol=0)
+
+
+def test_one_check_normalises_every_scale_and_names_the_argument():
+    assert per_sample_scale(0.5, 3) == 0.5 and isinstance(per_sample_scale(1, 3), float)
+    assert torch.equal(per_sample_scale(torch.tensor(0.5), 3), torch.full((3,), 0.5))          # [] -> [B]
+    assert torch.equal(per_sample_scale([1, 2, 3], 3), torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(InputError, match="identitynet_scale"):
+        per_sample_scale(torch.ones(2), 3, name="identitynet_scale")
+    with pytest.raises(InputError, match="adapter_scale"):
+        per_sample_scale(torch.ones(3, 1), 3, name="adapter_scale")
 
 
 def test_full_region_equals_no_region(unet, inputs):

@@ -12,8 +12,8 @@ from instantid_lab.data import photo
 from instantid_lab.errors import CheckpointError, InputError, LabError, ModelFilesMissingError
 from instantid_lab.face_analysis import DlibConfig, DlibFaceAnalyzer, get_face_analyzer
 from instantid_lab.face_analysis.dlib_backend import DLIB_MODEL_FILES, dlib_models_dir
+from instantid_lab.face_analysis.dlib_format import DlibReader
 from instantid_lab.face_analysis.dlib_resnet import (
-    DlibReader,
     DlibResNet,
     DlibResNetConfig,
     add_prev,

@@ -9,7 +9,7 @@ from instantid_lab.errors import InputError
 from instantid_lab.identitynet import (SDXL_IDENTITYNET_CONFIG, identitynet_from_unet, identitynet_sdxl,
                                        run_identitynet, zero_pad_uncond)
 from instantid_lab.keypoints import draw_kps
-from instantid_lab.pipeline import InstantIDPipeline
+from instantid_lab.pipeline import ControlWindow, ExtraControlNet, InstantIDPipeline
 from instantid_lab.tiny import TINY_KPS, TINY_PROMPT, TinyConfig, tiny_adapter_state, tiny_components, tiny_identitynet, tiny_unet
 
 KPS = np.array(TINY_KPS, np.float32)
@@ -142,3 +142,19 @@ def test_extra_controlnet_sees_the_text_and_scale_zero_equals_none(pipe):
     finally:
         hook.remove()
     assert seen and all(shape[1] == 77 for shape in seen)  # text tokens, not the 4 identity tokens
+
+
+def test_extra_controlnet_records_equal_the_parallel_lists(pipe):
+    extra = tiny_identitynet(tiny_unet(TinyConfig.sdxl(), seed=9), TinyConfig.sdxl(), seed=9)
+    image = draw_kps(KPS[::-1].copy(), (64, 64))
+    lists = generate(pipe, extra_controlnets=[extra], extra_images=[image], extra_scales=0.7,
+                     control_guidance_start=[0.0, 0.5])                   # the extra acts in the second step only
+    records = generate(pipe, extra_controlnets=[ExtraControlNet(extra, image, 0.7, ControlWindow(0.5, 1.0))])
+    np.testing.assert_array_equal(lists, records)
+    assert np.abs(records - generate(pipe, extra_controlnets=[ExtraControlNet(extra, image, 0.7)])).max() > 1e-5
+    with pytest.raises(InputError, match="extra_images"):
+        generate(pipe, extra_controlnets=[ExtraControlNet(extra, image)], extra_images=[image])
+    with pytest.raises(InputError, match="mixes"):
+        generate(pipe, extra_controlnets=[ExtraControlNet(extra, image), extra], extra_images=[image])
+    with pytest.raises(InputError, match="numbers"):
+        generate(pipe, extra_controlnets=[ExtraControlNet(extra, image)], control_guidance_end=[1.0, 0.5])

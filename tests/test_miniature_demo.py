@@ -8,8 +8,8 @@ from PIL import Image
 from instantid_lab.keypoints import KPS_COLORS, draw_kps
 from instantid_lab.miniature import demo
 from instantid_lab.miniature.inspector import FaceInspector, InspectorConfig, inspect
-from instantid_lab.miniature.recognizer import images_to_tensor
-from instantid_lab.miniature.world import HELDOUT_IDS, render_id
+from instantid_lab.miniature.evaluate import keypoint_errors
+from instantid_lab.miniature.world import HELDOUT_IDS, images_to_tensor, render_id
 from instantid_lab.tiny import tiny_embedding, tiny_pipeline
 
 
@@ -60,9 +60,9 @@ def test_keypoint_errors_are_pixel_distances_to_what_the_inspector_reads():
     inspector = FaceInspector(InspectorConfig.quick()).eval()
     images = [render_id(i).image for i in HELDOUT_IDS[:3]]
     read = inspect(inspector, images_to_tensor(images))["kps"].numpy()  # [3, 5, 2]
-    assert np.allclose(demo.keypoint_errors(inspector, images, list(read)), 0.0, atol=1e-4)
+    assert np.allclose(keypoint_errors(inspector, images, list(read)), 0.0, atol=1e-4)
     moved = [k + np.array([3.0, 4.0], np.float32) for k in read]
-    assert np.allclose(demo.keypoint_errors(inspector, images, moved), 5.0, atol=1e-4)
+    assert np.allclose(keypoint_errors(inspector, images, moved), 5.0, atol=1e-4)
 
 
 def test_random_controlnet_fits_a_unet_with_the_adapter_installed_and_acts(pipe):

@@ -2,6 +2,8 @@
 shipped pipeline, and training with held-out scores at every checkpoint."""
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -9,27 +11,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from torch import nn
 
 from instantid_lab.data import MINIATURE_DIR
 from instantid_lab.errors import InputError, ModelFilesMissingError
 from instantid_lab.face_analysis import get_face_analyzer
-from instantid_lab.loading import load_pipeline
-from instantid_lab.miniature import train
 from instantid_lab.miniature.autoencoder import AutoencoderConfig
 from instantid_lab.miniature.base import BaseConfig
-from instantid_lab.miniature.evaluate import HeldoutTask, Judges
-from instantid_lab.miniature.inspector import (
-    ATTRIBUTES, InspectorConfig, caption_accuracy, inspect, keypoint_error, load_inspector, save_inspector,
-    train_inspector,
-)
+from instantid_lab.miniature.evaluate import HeldoutTask, Judges, caption_accuracy, keypoint_distances
+from instantid_lab.miniature.inspector import ATTRIBUTES, InspectorConfig, inspect, load_inspector, save_inspector
 from instantid_lab.miniature.instantid import ADAPTER_FILE, InstantIDConfig, keypoint_image, load_miniature
 from instantid_lab.miniature.recognizer import (
-    FaceRecognizer, RecognizerConfig, config_dict, embed_images, images_to_tensor,
+    FaceRecognizer, RecognizerConfig, embed_images, load_recognizer, save_recognizer,
 )
-from instantid_lab.miniature.world import HELDOUT_IDS, Caption, Pose, random_samples, render_id
+from instantid_lab.miniature.training import LoopSettings, train_autoencoder, train_base, train_instantid, train_loop
+from instantid_lab.miniature.training.inspector import train_inspector
+from instantid_lab.miniature.world import HELDOUT_IDS, Caption, Pose, images_to_tensor, random_samples, render_id
 from instantid_lab.pipeline import InstantIDPipeline
+from instantid_lab.worlds import load_pipeline
 
 INSPECTOR = MINIATURE_DIR / "inspector.safetensors"
 CONDITIONER = MINIATURE_DIR / "recognizer_conditioner.safetensors"
@@ -64,10 +63,11 @@ def test_inspect_reads_keypoints_and_values_of_each_attribute(quick_inspector):
         assert len(read[name]) == 6 and set(read[name]) <= set(values), name
 
 
-def test_keypoint_error_is_the_mean_distance_in_pixels():
+def test_keypoint_distance_is_the_mean_distance_in_pixels_per_face():
     kps = torch.rand(3, 5, 2) * 32
-    assert keypoint_error(kps, kps) == 0.0
-    assert keypoint_error(kps + torch.tensor([3.0, 4.0]), kps) == pytest.approx(5.0)
+    assert torch.equal(keypoint_distances(kps, kps), torch.zeros(3))
+    moved = kps + torch.tensor([[[3.0, 4.0]], [[0.0, 1.0]], [[0.0, 0.0]]])
+    torch.testing.assert_close(keypoint_distances(moved, kps), torch.tensor([5.0, 1.0, 0.0]))
 
 
 def test_caption_accuracy_counts_each_attribute_and_all_four():
@@ -119,7 +119,7 @@ def test_heldout_task_is_deterministic_and_holds_only_heldout_identities():
 @pytest.fixture(scope="module")
 def shipped_judges():
     task = HeldoutTask.make(12, seed=0)
-    return task, Judges(task, train.load_recognizer(EVALUATOR), load_inspector(INSPECTOR))
+    return task, Judges(task, load_recognizer(EVALUATOR), load_inspector(INSPECTOR))
 
 
 def test_judges_score_the_real_targets_far_above_chance(shipped_judges):
@@ -148,7 +148,7 @@ def test_miniature_analyzer_finds_the_rendered_keypoints_and_the_conditioning_em
     assert mean_distance([f.kps for f in faces], [s.kps for s in samples]) < 1.5
     assert analyzer.embedding_dim == 64 and faces[0].embedding.shape == (64,)
     assert np.linalg.norm(faces[0].embedding) == pytest.approx(1.0, abs=1e-5)
-    conditioner = train.load_recognizer(CONDITIONER)
+    conditioner = load_recognizer(CONDITIONER)
     expected = embed_images(conditioner, images_to_tensor([samples[0].image]))[0].numpy()
     np.testing.assert_allclose(faces[0].embedding, expected, atol=1e-5)
 
@@ -178,7 +178,7 @@ def test_load_pipeline_miniature_generates_32px_images_the_same_for_the_same_see
     assert isinstance(pipe, InstantIDPipeline) and pipe.controlnet is not None and pipe.has_identity_attention
     pipe.set_progress_bar_config(disable=True)
     reference, target = render_id(1_000_001), render_id(1_000_001, Pose(roll=10.0), Caption("red", "smiling"))
-    embedding = embed_images(train.load_recognizer(CONDITIONER), images_to_tensor([reference.image]))[0]
+    embedding = embed_images(load_recognizer(CONDITIONER), images_to_tensor([reference.image]))[0]
     run = lambda seed: pipe(target.caption.text(), embedding, keypoint_image(target.kps), num_inference_steps=3,
                             generator=torch.Generator().manual_seed(seed)).images[0]
     first, again, other = run(0), run(0), run(1)
@@ -197,7 +197,7 @@ def toy_problem():
     x = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
     y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
 
-    def loss_fn(generator):
+    def loss_fn(generator, device):
         index = torch.randint(len(x), (8,), generator=generator)
         return F.mse_loss(model(x[index]), y[index])
 
@@ -208,29 +208,29 @@ def toy_problem():
     return model, loss_fn, on_checkpoint
 
 
-SETTINGS = train.LoopSettings(steps=6, lr=0.3, checkpoint_every=2)
+SETTINGS = LoopSettings(steps=6, lr=0.3, checkpoint_every=2)
 
 
-def run_toy(out, **kw) -> dict:
+def run_toy(out, **kw):
     model, loss_fn, on_checkpoint = toy_problem()
-    return train.train_loop("toy", model, loss_fn, SETTINGS, out, progress=False, on_checkpoint=on_checkpoint, **kw)
+    return train_loop("toy", model, loss_fn, SETTINGS, out, progress=False, on_checkpoint=on_checkpoint, **kw)
 
 
 def test_on_checkpoint_scores_step_0_and_every_checkpoint_in_eval_mode(tmp_path):
     state = run_toy(tmp_path)
-    assert [e["step"] for e in state["evals"]] == [0, 2, 4, 6]
-    assert not any(e["training"] for e in state["evals"])
-    assert state["evals"][-1]["loss"] < 0.5 * state["evals"][0]["loss"]
+    assert [e["step"] for e in state.evals] == [0, 2, 4, 6]
+    assert not any(e["training"] for e in state.evals)
+    assert state.evals[-1]["loss"] < 0.5 * state.evals[0]["loss"]
 
 
 def test_scores_survive_an_interruption_and_the_resumed_run_continues_them(tmp_path):
     whole = run_toy(tmp_path / "whole")
     partial = run_toy(tmp_path / "resumed", stop_after=3)
-    assert [e["step"] for e in partial["evals"]] == [0, 2, 3] and not partial["finished"]
+    assert [e["step"] for e in partial.evals] == [0, 2, 3] and not partial.finished
     resumed = run_toy(tmp_path / "resumed")  # a new process would start like this: fresh model, same folder
-    assert [e["step"] for e in resumed["evals"]] == [0, 2, 3, 4, 6] and resumed["finished"]
-    assert resumed["evals"][:3] == partial["evals"]
-    for got, want in zip(resumed["evals"][3:], whole["evals"][2:]):  # same batches as the uninterrupted run
+    assert [e["step"] for e in resumed.evals] == [0, 2, 3, 4, 6] and resumed.finished
+    assert resumed.evals[:3] == partial.evals
+    for got, want in zip(resumed.evals[3:], whole.evals[2:]):  # same batches as the uninterrupted run
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
 
 
@@ -238,13 +238,12 @@ def test_scores_survive_an_interruption_and_the_resumed_run_continues_them(tmp_p
 def quick_base(tmp_path_factory):
     """A base trained at the quick presets, with two tiny random recognisers (64-d), in its own folder."""
     out = tmp_path_factory.mktemp("quick_base")
-    train.train_autoencoder(AutoencoderConfig.quick(), out, progress=False)
-    train.train_base(BaseConfig.quick(), out, progress=False)
+    train_autoencoder(AutoencoderConfig.quick(), out, progress=False)
+    train_base(BaseConfig.quick(), out, progress=False)
     for role, seed in (("conditioner", 0), ("evaluator", 1)):
-        config = replace(RecognizerConfig.tiny(), embedding_dim=64, seed=seed)
         torch.manual_seed(seed)
-        save_file(FaceRecognizer(config).state_dict(), str(out / f"recognizer_{role}.safetensors"),
-                  metadata={"config": json.dumps(config_dict(config))})
+        save_recognizer(FaceRecognizer(replace(RecognizerConfig.tiny(), embedding_dim=64, seed=seed)),
+                        out / f"recognizer_{role}.safetensors")
     return out
 
 
@@ -252,7 +251,7 @@ def test_train_instantid_on_a_base_folder_writes_parts_and_scores_into_another(q
     base_files = sorted(p.name for p in quick_base.iterdir())
     out = tmp_path / "retrained"
     config = replace(InstantIDConfig.quick(), eval_identities=2)
-    report = train.train_instantid(config, out, base=quick_base, track=2, progress=False)
+    report = train_instantid(config, out, base_dir=quick_base, track=2, progress=False)
     held = report["heldout_identity"]
     assert held["identities"] == 2 and {"real renders", "instantid", "base only"} <= set(held)
     assert all({"rank1", "identity_similarity"} <= set(held[k]) for k in ("real renders", "instantid", "base only"))
@@ -265,3 +264,17 @@ def test_train_instantid_on_a_base_folder_writes_parts_and_scores_into_another(q
     assert sorted(p.name for p in quick_base.iterdir()) == base_files  # nothing written into the base folder
     pipe = load_miniature(quick_base, instantid=out)
     assert pipe.controlnet is not None and pipe.has_identity_attention
+
+
+def test_the_training_cli_keeps_its_arguments_and_the_old_stage_name(quick_base, tmp_path):
+    """`--base` (old name of `--base-dir`) and `encoders` (old name of `recognizers`) still parse."""
+    from instantid_lab.miniature.train import ALIASES, parse_args
+
+    args = parse_args(["instantid", "--preset", "quick", "--base", str(quick_base), "--out", str(tmp_path)])
+    assert args.base_dir == quick_base and args.stage == "instantid"
+    assert ALIASES[parse_args(["encoders"]).stage] == "recognizers"
+    done = subprocess.run([sys.executable, "-m", "instantid_lab.miniature.train", "instantid", "--preset", "quick",
+                           "--base-dir", str(quick_base), "--out", str(tmp_path), "--steps", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "instantid.json").read_text())["steps"] == 2

@@ -8,13 +8,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from instantid_lab.miniature import train
-from instantid_lab.miniature.autoencoder import AutoencoderConfig, build_autoencoder, reconstruction_loss
-from instantid_lab.miniature.base import BaseConfig, caption_tokenizer, drop_captions, min_snr_v_loss, tokenize
+from instantid_lab.miniature.autoencoder import AutoencoderConfig, build_autoencoder, load_vae, reconstruction_loss
+from instantid_lab.miniature.base import BaseConfig, caption_tokenizer, load_base, tokenize
 from instantid_lab.miniature.instantid import (
     ADAPTER_FILE, InstantIDConfig, InstantIDParts, keypoint_image, load_miniature,
 )
-from instantid_lab.miniature.world import Caption, render_id
+from instantid_lab.miniature.objective import drop_captions, min_snr_v_loss
+from instantid_lab.miniature.recognizer import FaceRecognizer, RecognizerConfig, load_recognizer, save_recognizer
+from instantid_lab.miniature.training import (
+    LoopSettings, checkpoint_path, train_autoencoder, train_base, train_instantid, train_loop,
+)
+from instantid_lab.miniature.training.autoencoder import finetune_decoder
+from instantid_lab.miniature.training.data import identity_batch, render_images
+from instantid_lab.miniature.training.instantid import instantid_loss
+from instantid_lab.miniature.world import TRAIN_IDS, Caption, render_id
 
 RECOGNIZER = "recognizer_conditioner.safetensors"
 
@@ -23,11 +30,9 @@ RECOGNIZER = "recognizer_conditioner.safetensors"
 def trained(tmp_path_factory):
     """All three stages at their quick presets, into one folder (a conditioning recogniser copied in)."""
     out = tmp_path_factory.mktemp("mini")
-    ae = train.train_autoencoder(AutoencoderConfig.quick(), out, progress=False)
-    base = train.train_base(BaseConfig.quick(), out, progress=False)
-    config = replace(train.RecognizerConfig.tiny(), embedding_dim=64)
-    train.save_file(train.FaceRecognizer(config).state_dict(), str(out / RECOGNIZER),
-                    metadata={"config": train.json.dumps(train.config_dict(config))})
+    ae = train_autoencoder(AutoencoderConfig.quick(), out, progress=False)
+    base = train_base(BaseConfig.quick(), out, progress=False)
+    save_recognizer(FaceRecognizer(replace(RecognizerConfig.tiny(), embedding_dim=64)), out / RECOGNIZER)
     return out, ae, base
 
 
@@ -40,11 +45,11 @@ def test_autoencoder_maps_32px_images_to_16x16x4_latents_and_back():
 
 def test_training_loop_lowers_the_reconstruction_loss(tmp_path):
     vae = build_autoencoder(AutoencoderConfig.quick())
-    images = train.render_images(train.TRAIN_IDS, 8, seed=0)
+    images = render_images(TRAIN_IDS, 8, seed=0)
     with torch.no_grad():
         before = float(reconstruction_loss(vae, images, 0.0, torch.Generator().manual_seed(1)))
-    settings = train.LoopSettings(steps=25, lr=5e-3, checkpoint_every=100)
-    train.train_loop("ae", vae, lambda g: reconstruction_loss(vae, images, 0.0, g), settings, tmp_path, progress=False)
+    settings = LoopSettings(steps=25, lr=5e-3, checkpoint_every=100)
+    train_loop("ae", vae, lambda g, device: reconstruction_loss(vae, images, 0.0, g), settings, tmp_path, progress=False)
     with torch.no_grad():
         after = float(reconstruction_loss(vae, images, 0.0, torch.Generator().manual_seed(1)))
     assert after < 0.7 * before
@@ -52,7 +57,7 @@ def test_training_loop_lowers_the_reconstruction_loss(tmp_path):
 
 def test_autoencoder_stage_saves_a_vae_with_a_measured_scaling_factor(trained):
     out, report, _ = trained
-    vae = train.load_vae(out)
+    vae = load_vae(out)
     assert vae.config.scaling_factor == pytest.approx(report["scaling_factor"])
     assert report["scaling_factor"] != 1.0
     assert report["loss"]["last"] < report["loss"]["first"]
@@ -61,7 +66,7 @@ def test_autoencoder_stage_saves_a_vae_with_a_measured_scaling_factor(trained):
 def test_decoder_finetuning_keeps_the_latents_and_lowers_the_reconstruction_error(tmp_path):
     config = replace(AutoencoderConfig.quick(), decoder_steps=30, decoder_lr=5e-3, decoder_train_images=16)
     vae = build_autoencoder(config)
-    images = train.render_images(train.TRAIN_IDS, 16, seed=11)  # the images finetune_decoder trains on
+    images = render_images(TRAIN_IDS, 16, seed=11)  # the images finetune_decoder trains on
 
     def measure():
         with torch.no_grad():
@@ -70,9 +75,9 @@ def test_decoder_finetuning_keeps_the_latents_and_lowers_the_reconstruction_erro
 
     encoder_before = {k: v.clone() for k, v in vae.state_dict().items() if not k.startswith(("decoder", "post_quant"))}
     z_before, error_before = measure()
-    state = train.finetune_decoder(vae, config, tmp_path, progress=False)
+    state = finetune_decoder(vae, config, tmp_path, progress=False)
     z_after, error_after = measure()
-    assert state["finished"] and state["step"] == 30
+    assert state.finished and state.step == 30
     # the encoder, hence the latent space, is untouched (latents equal up to kernel round-off)
     assert all(torch.equal(vae.state_dict()[k], v) for k, v in encoder_before.items())
     assert torch.allclose(z_before, z_after, atol=1e-5)
@@ -118,27 +123,29 @@ def test_interrupted_base_training_resumes_at_the_right_step(trained, tmp_path):
     out, _, _ = trained
     shutil.copytree(out / "vae", tmp_path / "vae")
     config = BaseConfig.quick()
-    partial = train.train_base(config, tmp_path, stop_after=6, progress=False)
+    partial = train_base(config, tmp_path, stop_after=6, progress=False)
     assert partial["step"] == 6 and not partial["finished"]
-    resumed = train.train_base(config, tmp_path, progress=False)
+    resumed = train_base(config, tmp_path, progress=False)
     assert resumed["steps"] == config.steps
-    whole = torch.load(train.checkpoint_path(out, "base"), weights_only=True)
-    again = torch.load(train.checkpoint_path(tmp_path, "base"), weights_only=True)
+    whole = torch.load(checkpoint_path(out, "base"), weights_only=True)
+    again = torch.load(checkpoint_path(tmp_path, "base"), weights_only=True)
     np.testing.assert_allclose(again["losses"], whole["losses"], rtol=1e-4)  # same batches, same result
+    for name in ("unet", "text_encoder"):  # the shipped EMA weights too
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(getattr(load_base(out), name).parameters(),
+                                                                   getattr(load_base(tmp_path), name).parameters()))
 
 
 def test_instantid_stage_trains_only_the_adapter_and_identitynet(trained):
     out, _, _ = trained
-    vae, tokenizer, text_encoder, unet = train.load_base(out)
-    base_before = {k: v.clone() for k, v in unet.state_dict().items()}
+    base = load_base(out)
+    base_before = {k: v.clone() for k, v in base.unet.state_dict().items()}
     config = InstantIDConfig.quick()
-    data = train.instantid_data(vae, tokenizer, out, 8)
-    parts = InstantIDParts.build(unet, config)
+    data = identity_batch(base.vae, base.tokenizer, load_recognizer(out / RECOGNIZER), 8, seed=4)
+    parts = InstantIDParts.build(base.unet, config)
     parts_before = {k: v.clone() for k, v in parts.state_dict().items()}
-    loss_fn = train.instantid_objective(parts, unet, text_encoder, tokenizer, data, config)
-    train.train_loop("instantid", parts, loss_fn, train.LoopSettings(3, 1e-2, checkpoint_every=10), out / "scratch",
-                     progress=False)
-    unet_after = unet.state_dict()
+    loss_fn = instantid_loss(parts.attach(base), data, config)
+    train_loop("instantid", parts, loss_fn, LoopSettings(3, 1e-2, checkpoint_every=10), out / "scratch", progress=False)
+    unet_after = base.unet.state_dict()
     assert all(torch.equal(unet_after[k], v) for k, v in base_before.items())  # the base is frozen
     changed = [k for k, v in parts.state_dict().items() if not torch.equal(v, parts_before[k])]
     for prefix in ("image_proj.", "ip_adapter.", "identitynet."):
@@ -147,7 +154,7 @@ def test_instantid_stage_trains_only_the_adapter_and_identitynet(trained):
 
 def test_instantid_output_loads_into_the_pipeline_and_generates(trained):
     out, _, _ = trained
-    report = train.train_instantid(InstantIDConfig.quick(), out, progress=False)
+    report = train_instantid(InstantIDConfig.quick(), out, progress=False)
     assert report["steps"] == InstantIDConfig.quick().steps
     pipe = load_miniature(out)
     saved = load_file(str(out / ADAPTER_FILE))

@@ -5,11 +5,14 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
 
-from instantid_lab.attention import remove_adapter
+from instantid_lab.adapter import Resampler
+from instantid_lab.attention import install_adapter, remove_adapter
 from instantid_lab.errors import InputError
+from instantid_lab.identitynet import run_identitynet
 from instantid_lab.keypoints import draw_kps
 from instantid_lab.pipeline import InstantIDPipeline
 from instantid_lab.pipeline.inputs import as_identity_embeddings
+from instantid_lab.pipeline.records import BatchGeometry
 from instantid_lab.tiny import TINY_KPS, TINY_PROMPT, tiny_adapter_state, tiny_components, tiny_embedding, tiny_pipeline
 
 KPS = np.array(TINY_KPS, np.float32)
@@ -81,7 +84,7 @@ def test_per_sample_scales_in_one_batch_equal_separate_runs(pipe, kps_image, emb
 def test_guess_mode_with_guidance_gives_zero_residuals_to_the_uncond_half(pipe, kps_image, emb):
     images = run(pipe, kps_image, emb, prompt=[PROMPT, "a portrait"], num_images_per_prompt=2, guess_mode=True)
     assert images.shape == (4, 64, 64, 3) and np.isfinite(images).all()
-    cond = pipe.prepare_conditioning([PROMPT], emb, kps_image, 64, 64, num_images_per_prompt=2, guided=True,
+    cond = pipe.prepare_conditioning([PROMPT], BatchGeometry(1, 2, 64, 64, guided=True), emb, kps_image,
                                      guess_mode=True)
     model_input = torch.randn(4, 4, 8, 8)
     down, mid = pipe.control_residuals(model_input, pipe.scheduler.timesteps[0], cond)
@@ -211,3 +214,130 @@ def test_loading_saved_folders_gives_the_same_pipeline(tmp_path, pipe, kps_image
     loaded = load_sdxl_instantid(tmp_path / "sdxl", instantid_dir=tmp_path / "instantid")
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(run(loaded, kps_image, emb), run(pipe, kps_image, emb), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- without the adapter or IdentityNet
+
+
+@torch.no_grad()
+def plain_ddim_with_guidance(c, prompt, noise, steps, guidance):
+    """Text-to-image with classifier-free guidance, written out: DDIM over the plain UNet."""
+    def encode(text):
+        ids = c["tokenizer"]([text], padding="max_length", max_length=c["tokenizer"].model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return c["text_encoder"](ids).last_hidden_state                   # [1, Lt, C]
+
+    text = torch.cat([encode(""), encode(prompt)])                         # [uncond, cond]
+    scheduler = c["scheduler"]
+    scheduler.set_timesteps(steps)
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps_uncond, eps_cond = c["unet"](torch.cat([latents] * 2), t, encoder_hidden_states=text).sample.chunk(2)
+        latents = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, latents).prev_sample
+    image = c["vae"].decode(latents / c["vae"].config.scaling_factor).sample   # [1, 3, H, W] in ~[-1, 1]
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def plain_sd_components(seed=0):
+    """SD-shaped tiny components without IdentityNet, with a DDIM scheduler."""
+    c = tiny_components("sd", seed=seed)
+    return {**c, "controlnet": None, "scheduler": DDIMScheduler.from_config(c["scheduler"].config)}
+
+
+def test_without_adapter_and_identitynet_the_pipeline_is_the_plain_model():
+    c = plain_sd_components()
+    plain = InstantIDPipeline(**c)
+    plain.set_progress_bar_config(disable=True)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    ours = plain(PROMPT, num_inference_steps=3, guidance_scale=5.0, latents=noise, output_type="np").images
+    written_out = plain_ddim_with_guidance(c, PROMPT, noise, steps=3, guidance=5.0)
+    assert ours.shape == written_out.shape == (1, 64, 64, 3)
+    assert np.abs(ours - written_out).max() < 1e-4
+
+
+def test_identity_inputs_that_do_not_fit_the_loaded_parts_are_input_errors(pipe, kps_image, emb):
+    with pytest.raises(InputError, match="load_adapter"):
+        InstantIDPipeline(**plain_sd_components())(PROMPT, emb, num_inference_steps=1)
+    with pytest.raises(InputError, match="face.embedding"):
+        pipe(PROMPT, None, kps_image, num_inference_steps=1)
+    adapter_only = fresh_pipeline(controlnet=None)
+    with pytest.raises(InputError, match="face.embedding"):
+        adapter_only(PROMPT, num_inference_steps=1)
+    with pytest.raises(InputError, match="controlnet=None"):
+        InstantIDPipeline(**tiny_components("sd"))(PROMPT, num_inference_steps=1)
+
+
+def test_the_call_arguments_become_records_that_check_themselves(pipe, kps_image, emb):
+    with pytest.raises(InputError, match="'zeros' or 'noise'"):
+        run(pipe, kps_image, emb, negative_identity="blur")
+    with pytest.raises(InputError, match="one per ControlNet"):
+        run(pipe, kps_image, emb, control_guidance_start=[0.0, 0.5])          # 2 values, 1 ControlNet
+    with pytest.raises(InputError, match="one image each"):
+        run(pipe, kps_image, emb, extra_controlnets=[pipe.controlnet], extra_images=[])
+
+
+# ----------------------------------------------------------------------------- training: conditioning from tensors
+
+
+def training_prediction(image_proj, identitynet, unet, noisy, t, text_tokens, embeds, kps_images):
+    """The training-time prediction with both InstantID paths at scale 1, written out."""
+    identity_tokens = image_proj(embeds)                                    # [B, 16, C]
+    down, mid = run_identitynet(identitynet, noisy, t, identity_tokens, kps_images)
+    return unet(noisy, t, encoder_hidden_states=text_tokens, down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+                cross_attention_kwargs={"identity_tokens": identity_tokens, "adapter_scale": 1.0}).sample
+
+
+@pytest.fixture(scope="module")
+def training_pipe():
+    """An SD-shaped pipeline as training builds it: IdentityNet copied from the UNet (`tiny_components`
+    does it with `identitynet_from_unet`, before any adapter), then the adapter installed on the UNet."""
+    c = tiny_components("sd", seed=0)
+    state = tiny_adapter_state(c["unet"], seed=4)
+    install_adapter(c["unet"]).load_state_dict(state["ip_adapter"])
+    image_proj = Resampler.from_state_dict(state["image_proj"])
+    scheduler = DDIMScheduler.from_config(c["scheduler"].config)
+    return InstantIDPipeline(c["vae"], c["text_encoder"], None, c["tokenizer"], None, c["unet"], c["controlnet"],
+                             scheduler, image_proj=image_proj)
+
+
+def training_batch(b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(noisy=torch.randn(b, 4, 8, 8, generator=g), t=torch.tensor([10, 500, 900][:b]),
+                text_tokens=torch.randn(b, 77, 32, generator=g), embeds=torch.randn(b, 16, generator=g) * 20,
+                kps_images=torch.rand(b, 3, 64, 64, generator=g))
+
+
+def test_tensor_conditioning_predicts_exactly_the_training_prediction(training_pipe):
+    x = training_batch()
+    cond = training_pipe.tensor_conditioning(x["text_tokens"], x["embeds"], x["kps_images"])
+    assert not cond.guided and len(cond.controls) == 1
+    with torch.no_grad():
+        ours = training_pipe.predict_noise(x["noisy"], x["t"], cond)
+        written_out = training_prediction(training_pipe.image_proj, training_pipe.controlnet, training_pipe.unet, **x)
+    assert torch.equal(ours, written_out)
+
+
+def test_tensor_conditioning_lets_gradients_reach_the_resampler_and_identitynet(training_pipe):
+    x = training_batch(b=2, seed=1)
+    cond = training_pipe.tensor_conditioning(x["text_tokens"], x["embeds"], x["kps_images"])
+    trained = [training_pipe.image_proj, training_pipe.controlnet]
+    try:
+        training_pipe.predict_noise(x["noisy"], x["t"], cond).square().mean().backward()
+        for part in trained:
+            grads = [p.grad for p in part.parameters()]
+            assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    finally:
+        for part in [*trained, training_pipe.unet]:
+            part.zero_grad(set_to_none=True)
+
+
+def test_tensor_conditioning_without_identity_is_the_plain_unet():
+    plain = InstantIDPipeline(**plain_sd_components())
+    x = training_batch()
+    with torch.no_grad():
+        ours = plain.predict_noise(x["noisy"], x["t"], plain.tensor_conditioning(x["text_tokens"]))
+        unet = plain.unet(x["noisy"], x["t"], encoder_hidden_states=x["text_tokens"]).sample
+    assert torch.equal(ours, unet)
+    with pytest.raises(InputError, match="load_adapter"):
+        plain.tensor_conditioning(x["text_tokens"], x["embeds"])

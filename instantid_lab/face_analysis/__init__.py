@@ -6,6 +6,7 @@ Two backends behind one interface (`FaceAnalyzer`: `detect`, `get_face`, `embed`
   embeddings. Needs the model files placed by hand (see `find_antelopev2`).
 - "dlib": offline, from the `dlib-bin` and `face-recognition-models` packages; 128-d
   embeddings compared by Euclidean distance. The default when antelopev2 is absent.
+- plug-ins registered by name (`registry`): e.g. "miniature", the miniature world's analyzer.
 
     analyzer = get_face_analyzer()          # "auto"
     face = analyzer.get_face("photo.jpg")   # the largest face
@@ -16,6 +17,7 @@ Two backends behind one interface (`FaceAnalyzer`: `detect`, `get_face`, `embed`
 from .base import Face, FaceAnalyzer
 from .dlib_backend import DlibConfig, DlibFaceAnalyzer, kps_from_68
 from .factory import BACKENDS, get_face_analyzer
+from .registry import plugin_backends, register_backend
 from .insightface_backend import (
     ANTELOPEV2_FILES,
     ENV_VAR,
@@ -39,4 +41,6 @@ __all__ = [
     "find_antelopev2",
     "get_face_analyzer",
     "kps_from_68",
+    "plugin_backends",
+    "register_backend",
 ]

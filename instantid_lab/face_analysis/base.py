@@ -9,7 +9,7 @@ layout the backend's models read (dlib: RGB; insightface: BGR).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Optional
 
 import numpy as np
 
@@ -59,12 +59,21 @@ class Face:
         )
 
 
-class Detection(NamedTuple):
-    """A located face before description: its box, score and whatever the backend needs later."""
+@dataclass(frozen=True, eq=False)
+class Detection:
+    """A located face before description.
 
-    bbox: np.ndarray  # [4] x1, y1, x2, y2
+    :param bbox: shape [4]: x1, y1, x2, y2 in image pixels.
+    :param score: the detector's confidence.
+    :param kps: shape [5, 2], when the detector also finds the 5 keypoints (insightface's SCRFD,
+        the miniature's inspector); None when they come later from a landmark fit (dlib).
+    :param detector: which detector found it, when a backend has several (dlib: "hog" or "cnn").
+    """
+
+    bbox: np.ndarray
     score: float
-    extra: Any = None  # backend-specific (insightface: the 5 keypoints [5, 2])
+    kps: Optional[np.ndarray] = None
+    detector: str = ""
 
 
 def box_area(bbox) -> float:

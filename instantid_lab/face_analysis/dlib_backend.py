@@ -200,9 +200,9 @@ class DlibFaceAnalyzer(FaceAnalyzer):
         for upsample in self.config.upsample:
             found = self._hog(small, upsample)
             if found:
-                return [Detection(box / scale, score) for box, score in found]
+                return [Detection(box / scale, score, detector="hog") for box, score in found]
         cnn_image, cnn_scale = downscale(rgb, self.config.cnn_max_side)
-        return [Detection(box / cnn_scale, score, "cnn") for box, score in self._cnn(cnn_image)]
+        return [Detection(box / cnn_scale, score, detector="cnn") for box, score in self._cnn(cnn_image)]
 
     def _hog(self, rgb: np.ndarray, upsample: int) -> list[tuple[np.ndarray, float]]:
         """HOG proposals with margin >= 0; weak ones kept only if the CNN confirms them."""
@@ -251,7 +251,7 @@ class DlibFaceAnalyzer(FaceAnalyzer):
     def _landmarks(self, rgb: np.ndarray, detection: Detection):
         """The 68-point fit (a dlib full_object_detection), on a HOG-style box."""
         box = detection.bbox
-        if detection.extra == "cnn":
+        if detection.detector == "cnn":
             five = self.models.five_points(rgb, box_to_rect(box))
             box = hog_style_box(np.array([(p.x, p.y) for p in five.parts()], np.float32))  # [5, 2] -> [4]
         return self.models.landmarks(rgb, box_to_rect(box))

@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, InputError
-from .dlib_resnet import Affine, DlibLayer, DlibReader, PathLike, read_dlib_bytes, read_layer_stack, torch_threads
+from ..types import PathLike
+from .dlib_format import Affine, DlibLayer, DlibReader, read_dlib_bytes, read_layer_stack, torch_threads
 
 #: Each level of pyramid_down<2> (used by `upsample`) in image coordinates: p_down = p / 2 - shift.
 UP_SHIFT = np.array([1.25, 0.75, 1.25, 0.75])  # x, y, x, y

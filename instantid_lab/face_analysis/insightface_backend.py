@@ -16,12 +16,13 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 
 from ..data import DATA_DIR
 from ..errors import InputError, ModelFilesMissingError
+from ..types import PathLike
 from .base import Detection, Face, FaceAnalyzer
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ ANTELOPEV2_FILES = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
 #: Where the kit suggests putting them: `models/antelopev2/` at the repository root.
 DEFAULT_ANTELOPEV2_DIR = DATA_DIR.parent / "models" / "antelopev2"
 
-PathLike = Union[str, os.PathLike]
+
 
 REFETCH = (
     f"the files may be truncated or the wrong ones: fetch antelopev2 again and replace {list(ANTELOPEV2_FILES)}."
@@ -172,19 +173,19 @@ class InsightFaceAnalyzer(FaceAnalyzer):
             boxes, kpss = self.detector.detect(bgr, input_size=(size, size), det_thresh=self.config.det_thresh)
             if len(boxes):  # boxes: [N, 5] x1, y1, x2, y2, score; kpss: [N, 5, 2]
                 logger.info("insightface: %d face(s) at det_size %d", len(boxes), size)
-                return [Detection(b[:4], float(b[4]), k) for b, k in zip(boxes, kpss)]
+                return [Detection(b[:4], float(b[4]), kps=k) for b, k in zip(boxes, kpss)]
             logger.info("insightface: no face at det_size %d", size)
         return []
 
     def _describe(self, bgr: np.ndarray, detection: Detection) -> Face:
         embedding = self._embedding(bgr, detection)
-        return Face(detection.bbox, detection.extra, embedding, detection.score, self.backend)
+        return Face(detection.bbox, detection.kps, embedding, detection.score, self.backend)
 
     def _embedding(self, bgr: np.ndarray, detection: Detection) -> np.ndarray:
         """ArcFace on the face aligned by its 5 keypoints (112 x 112 crop): shape [512], raw."""
         from insightface.app.common import Face as InsightFace
 
-        found = InsightFace(bbox=detection.bbox, kps=detection.extra, det_score=detection.score)
+        found = InsightFace(bbox=detection.bbox, kps=detection.kps, det_score=detection.score)
         with warnings.catch_warnings():  # insightface's alignment calls a deprecated scikit-image method
             warnings.filterwarnings("ignore", message=".*estimate.* is deprecated", category=FutureWarning)
             return self.recognizer.get(bgr, found)

@@ -8,16 +8,19 @@ latents unchanged (`vae.decode(latents / scaling_factor)`). Trained with
 on rendered faces; after training, `scaling_factor` is set to 1 / std(z) so that the scaled latents
 the diffusion model sees have about unit standard deviation. Then the decoder alone is fine-tuned
 (L1 + MSE of decode(posterior mean), encoder frozen): the latent space stays fixed while the eyes and
-mouths, which the joint phase leaves blurred, sharpen (`train.finetune_decoder`).
+mouths, which the joint phase leaves blurred, sharpen (`training.autoencoder.finetune_decoder`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..errors import ModelFilesMissingError
 
 
 @dataclass(frozen=True)
@@ -103,3 +106,22 @@ def psnr(vae, images: Tensor, batch_size: int = 256) -> float:
         errors.append(((vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1) - x) ** 2).flatten(1).mean(1))
     mse = torch.cat(errors).mean()
     return float(10 * torch.log10(4.0 / mse))
+
+
+def save_vae(vae, folder: Path) -> None:
+    """Save the autoencoder as `folder/vae` (a diffusers `AutoencoderKL` folder, safetensors)."""
+    vae.save_pretrained(str(Path(folder) / "vae"), safe_serialization=True)
+
+
+def load_vae(folder: Path):
+    """The autoencoder saved by `save_vae` in `folder`, frozen and in eval mode.
+
+    :raises ModelFilesMissingError: `folder/vae` is missing (says which stage writes it).
+    """
+    from diffusers import AutoencoderKL
+
+    path = Path(folder) / "vae"
+    if not path.is_dir():
+        raise ModelFilesMissingError(f"{path} is missing: run the autoencoder stage first "
+                                     f"(python -m instantid_lab.miniature.train autoencoder --out {folder})")
+    return AutoencoderKL.from_pretrained(str(path)).eval().requires_grad_(False)

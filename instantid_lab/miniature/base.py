@@ -12,19 +12,25 @@ schedule, x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps and SNR_t = alpha_
     v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0,
     L = E_t[ min(SNR_t, gamma) / (SNR_t + 1) * |v_theta(x_t, t, c) - v|^2 ],   gamma = 5.
 
-The InstantID stage trains its parts with exactly this objective (`diffusion_loss`).
+The objective lives in `objective` (`diffusion_loss`); the InstantID stage trains its parts with it too.
+`load_base` returns the trained base as an `InstantIDPipeline` with no adapter and no IdentityNet: the
+plain text-to-image model, sampled by the same pipeline as everything else.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .world import ACCESSORIES, BACKGROUNDS, EXPRESSIONS, STYLES, _BACKGROUND_RGB
+from ..building import word_tokenizer
+from ..errors import ModelFilesMissingError
+from ..pipeline import InstantIDPipeline
+from .autoencoder import load_vae
+from .world import ACCESSORIES, BACKGROUNDS, EXPRESSIONS, STYLES
 
 #: Every word the miniature's captions use; each becomes one token.
 CAPTION_WORDS = ("a", "face", "with", "background", "style", ",", *EXPRESSIONS, *ACCESSORIES, *BACKGROUNDS, *STYLES)
@@ -65,12 +71,7 @@ class BaseConfig:
 
 def caption_tokenizer(max_length: int = 16):
     """A `CLIPTokenizer` whose vocabulary holds every caption word whole (one token per word)."""
-    from transformers import CLIPTokenizer
-
-    from ..tiny import tiny_vocab
-
-    vocab, merges = tiny_vocab(CAPTION_WORDS)
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
+    return word_tokenizer(CAPTION_WORDS, max_length)
 
 
 def build_text_encoder(config: BaseConfig, tokenizer, seed: int = 0):
@@ -121,67 +122,50 @@ def tokenize(tokenizer, captions: Sequence[str]) -> Tensor:
                      return_tensors="pt").input_ids
 
 
-def drop_captions(ids: Tensor, empty_ids: Tensor, p: float, generator: torch.Generator) -> Tensor:
-    """Replace each row of `ids` [B, L] by `empty_ids` [L] with probability p (for classifier-free guidance)."""
-    drop = torch.rand(len(ids), generator=generator) < p  # [B]
-    return torch.where(drop[:, None], empty_ids[None], ids)
 
 
-def min_snr_v_loss(v_pred: Tensor, v_target: Tensor, snr: Tensor, gamma: float = 5.0) -> Tensor:
-    """L = mean_b[ min(SNR_b, gamma) / (SNR_b + 1) * mean |v_pred - v|^2 ]  (min-SNR weighting for v-prediction).
+#: The base's parts, each a diffusers / transformers folder in the miniature's folder.
+BASE_PARTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 
-    :param v_pred: shape [B, C, h, w]
-    :param v_target: shape [B, C, h, w]
-    :param snr: shape [B]
+
+def save_base(pipe: InstantIDPipeline, folder: Path) -> None:
+    """Save the text encoder, tokenizer, UNet and scheduler of `pipe` into `folder` (the VAE is saved by its stage)."""
+    for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        part = getattr(pipe, name)
+        safe = {"safe_serialization": True} if isinstance(part, torch.nn.Module) else {}
+        part.save_pretrained(str(Path(folder) / name), **safe)
+
+
+def load_base(folder: Path) -> InstantIDPipeline:
+    """The trained base as an `InstantIDPipeline` with no adapter and no IdentityNet, every part frozen (float32).
+
+    :raises ModelFilesMissingError: a part is missing (names them and the stage that writes them).
     """
-    per_sample = F.mse_loss(v_pred, v_target, reduction="none").flatten(1).mean(1)  # [B]
-    return (snr.clamp(max=gamma) / (snr + 1) * per_sample).mean()
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    missing = [p for p in BASE_PARTS if not (folder / p).is_dir()]
+    if missing:
+        raise ModelFilesMissingError(f"{folder} lacks {missing}: train the miniature first "
+                                     f"(python -m instantid_lab.miniature.train autoencoder|base --out {folder})")
+    text_encoder = _quietly(CLIPTextModel.from_pretrained, folder / "text_encoder", dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    pipe = InstantIDPipeline(load_vae(folder), text_encoder, None, CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                             None, unet, None, DDIMScheduler.from_pretrained(folder / "scheduler"))
+    for model in (pipe.vae, pipe.text_encoder, pipe.unet):
+        model.eval().requires_grad_(False)
+    return pipe
 
 
-def diffusion_loss(predict: Callable[[Tensor, Tensor], Tensor], scheduler, latents: Tensor,
-                   generator: torch.Generator, gamma: float = 5.0) -> Tensor:
-    """Noise `latents` [B, 4, h, w] at random timesteps and score `predict(x_t, t)` with `min_snr_v_loss`."""
-    noise = torch.randn(latents.shape, generator=generator)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
-    alpha_bar = scheduler.alphas_cumprod[t]  # [B]
-    noisy = scheduler.add_noise(latents, noise, t)
-    target = scheduler.get_velocity(latents, noise, t)
-    return min_snr_v_loss(predict(noisy, t), target, alpha_bar / (1 - alpha_bar), gamma)
+def _quietly(load, *args, **kwargs):
+    """`load(*args, **kwargs)` without transformers' per-file progress bar (a 0.1 M-parameter model loads at once)."""
+    from transformers.utils import logging as transformers_logging
 
-
-def base_loss(unet, text_encoder, scheduler, latents: Tensor, ids: Tensor, generator: torch.Generator,
-              gamma: float = 5.0) -> Tensor:
-    """The base objective for latents [B, 4, h, w] with caption token ids [B, L] (already dropped)."""
-    context = text_encoder(ids).last_hidden_state  # [B, L, C]
-    return diffusion_loss(lambda x, t: unet(x, t, encoder_hidden_states=context).sample, scheduler, latents,
-                          generator, gamma)
-
-
-@torch.no_grad()
-def sample_base(unet, text_encoder, tokenizer, vae, captions: Sequence[str], steps: int = 20,
-                guidance_scale: float = 3.0, seed: int = 0) -> Tensor:
-    """Images [B, 3, 32, 32] in [-1, 1] for `captions`, with classifier-free guidance against the empty caption."""
-    scheduler = sampling_scheduler()
-    scheduler.set_timesteps(steps)
-    ids = tokenize(tokenizer, [""] * len(captions) + list(captions))
-    context = text_encoder(ids).last_hidden_state  # [2B, L, C]
-    size = unet.config.sample_size
-    x = torch.randn((len(captions), 4, size, size), generator=torch.Generator().manual_seed(seed))
-    for t in scheduler.timesteps:
-        uncond, cond = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
-        x = scheduler.step(uncond + guidance_scale * (cond - uncond), t, x).prev_sample
-    return vae.decode(x / vae.config.scaling_factor).sample.clamp(-1, 1)
-
-
-def background_of(images: Tensor) -> list[str]:
-    """The background each image [B, 3, H, W] in [-1, 1] shows, read from its two top corners.
-
-    Stripes are recognised by a large spread of the corner pixels; otherwise the nearest plain colour.
-    """
-    rgb = (images + 1) * 127.5
-    corners = torch.cat([rgb[:, :, :4, :4], rgb[:, :, :4, -4:]], dim=3).flatten(2)  # [B, 3, 32]
-    plain = [b for b in BACKGROUNDS if b != "stripes"]
-    palette = torch.tensor([_BACKGROUND_RGB[b] for b in plain], dtype=torch.float32)  # [K, 3]
-    distances = torch.cdist(corners.mean(2), palette)  # [B, K]
-    striped = corners.std(2).mean(1) > 30
-    return ["stripes" if s else plain[int(k)] for s, k in zip(striped, distances.argmin(1))]
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        return load(*args, **kwargs)
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()

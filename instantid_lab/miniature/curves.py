@@ -6,7 +6,7 @@ read smoothed over tens of steps (`smooth`), and two sets of weights are compare
 batch instead (`fixed_batch_loss`: the same held-out images, noise and timesteps for both), which
 shows a difference that the training curve of a short run hides.
 
-`train.train_instantid(..., track=K)` records held-out rank-1 and identity similarity at every
+`training.train_instantid(..., track=K)` records held-out rank-1 and identity similarity at every
 checkpoint; `plot_training_curves` draws them next to the smoothed loss.
 """
 
@@ -19,6 +19,10 @@ import torch
 from matplotlib.figure import Figure
 
 from ..errors import InputError
+from .base import training_scheduler
+from .objective import TrainingBatch, denoising_loss
+from .training.data import identity_batch
+from .world import HELDOUT_IDS
 
 
 def smooth(values: Sequence[float], window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,45 +70,28 @@ def plot_training_curves(losses: Sequence[float], evals: Sequence[dict], window:
 
 
 @torch.no_grad()
-def heldout_batch(pipe, conditioner, n: int = 256, seed: int = 9) -> dict:
+def heldout_batch(pipe, conditioner, n: int = 256, seed: int = 9) -> TrainingBatch:
     """Training-style data from `n` renders of held-out identities, for `fixed_batch_loss`.
 
     :param pipe: a miniature pipeline (its VAE encodes the images, its tokenizer the captions).
     :param conditioner: the conditioning recogniser (gives the identity embeddings).
-    :return: {"latents" [n, 4, 16, 16], "ids" [n, L], "embeds" [n, E], "kps_images" uint8 [n, 3, 32, 32]}
     """
-    from .instantid import keypoint_tensor
-    from .recognizer import embed_images
-    from .train import render_latents
-    from .world import HELDOUT_IDS
-
-    data = render_latents(pipe.vae, pipe.tokenizer, n, seed=seed, identity_ids=HELDOUT_IDS)
-    data["embeds"] = embed_images(conditioner, data.pop("images"))
-    data["kps_images"] = keypoint_tensor(data.pop("kps").numpy())
-    return data
+    return identity_batch(pipe.vae, pipe.tokenizer, conditioner, n, seed=seed, identity_ids=HELDOUT_IDS)
 
 
 @torch.no_grad()
-def fixed_batch_loss(pipe, data: dict, batch_size: int = 64, seed: int = 0, min_snr_gamma: float = 5.0) -> float:
-    """The training objective of `pipe`'s InstantID parts on `data`, with fixed noise and timesteps.
+def fixed_batch_loss(pipe, data: TrainingBatch, batch_size: int = 64, seed: int = 0, min_snr_gamma: float = 5.0) -> float:
+    """The training objective (`objective.denoising_loss`) of `pipe` on `data`, with fixed noise and timesteps.
 
     Chunk k of `data` (in order, no dropout) is noised with a generator seeded `seed + k`, so any two
     pipelines on the same base see exactly the same noisy latents and the difference is their weights.
 
     :param pipe: an `InstantIDPipeline` with IdentityNet and the adapter (e.g. from `load_miniature`).
-    :param data: from `heldout_batch` (or `train.instantid_data`).
+    :param data: from `heldout_batch` (or the training data, `training.data.identity_batch`).
     """
-    from ..attention import adapter_processors
-    from .base import diffusion_loss, training_scheduler
-    from .instantid import InstantIDParts, predict
-
-    parts = InstantIDParts(pipe.image_proj, adapter_processors(pipe.unet), pipe.controlnet).eval()
-    scheduler, losses = training_scheduler(), []
-    for k, start in enumerate(range(0, len(data["latents"]), batch_size)):
-        chunk = {name: value[start:start + batch_size] for name, value in data.items()}
-        text = pipe.text_encoder(chunk["ids"]).last_hidden_state  # [b, L, C]
-        kps = chunk["kps_images"].float() / 255  # [b, 3, 32, 32] in [0, 1]
-        loss = diffusion_loss(lambda x, t: predict(parts, pipe.unet, x, t, text, chunk["embeds"], kps), scheduler,
-                              chunk["latents"], torch.Generator().manual_seed(seed + k), min_snr_gamma)
-        losses.append(float(loss) * len(chunk["latents"]))
-    return sum(losses) / len(data["latents"])
+    scheduler, total = training_scheduler(), 0.0
+    for k, start in enumerate(range(0, len(data), batch_size)):
+        chunk = data.rows(slice(start, start + batch_size))
+        loss = denoising_loss(pipe, chunk, scheduler, torch.Generator().manual_seed(seed + k), min_snr_gamma)
+        total += float(loss) * len(chunk)
+    return total / len(data)

@@ -1,5 +1,6 @@
 """Small helpers the notebooks use to show the miniature at work: enlarged 32-px pictures, setting
-sweeps from the same noise, and the inspector's keypoint error per generated image.
+sweeps from the same noise, and an untrained extra ControlNet (the keypoint error per image is
+`evaluate.keypoint_errors`).
 
     rows = sweep(pipe, prompts, embeddings, keypoint_images, [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0)])
     rows[s][k]   # image k (prompt k, identity k, keypoints k) under setting s, from noise k
@@ -10,13 +11,17 @@ noise per image, so two rows differ only in the scales, which is what the notebo
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..building import seeded
+from ..identitynet import identitynet_from_unet
 from ..images import ImageLike, load_image
+from ..viz import draw_faces
 
 #: (adapter scale, IdentityNet scale) of one row of a sweep.
 Setting = tuple[float, float]
@@ -36,10 +41,6 @@ def draw_face(image: ImageLike, face, factor: int = 8) -> Image.Image:
 
     :param face: has `.bbox` [4] and `.kps` [5, 2] in pixels of `image` (e.g. a `Face`).
     """
-    from types import SimpleNamespace
-
-    from ..viz import draw_faces
-
     scaled = SimpleNamespace(bbox=np.asarray(face.bbox) * factor, kps=np.asarray(face.kps) * factor)
     return draw_faces(upscale(image, factor), [scaled])
 
@@ -68,21 +69,6 @@ def sweep(pipe, prompts: Sequence[str], embeddings: Sequence, keypoint_images: S
     return [images[i * k:(i + 1) * k] for i in range(s)]
 
 
-def keypoint_errors(inspector, images: Sequence[ImageLike], requested: Sequence[np.ndarray]) -> np.ndarray:
-    """Per image, the mean distance in pixels between the keypoints the inspector reads and the requested ones.
-
-    :param inspector: a `FaceInspector` (e.g. `get_face_analyzer("miniature").inspector`).
-    :param requested: N keypoint arrays [5, 2], in pixels of the images.
-    :return: shape [N].
-    """
-    from .inspector import inspect
-    from .recognizer import images_to_tensor
-
-    read = inspect(inspector, images_to_tensor([load_image(x) for x in images]))["kps"]   # [N, 5, 2]
-    wanted = torch.from_numpy(np.stack([np.asarray(k, np.float32) for k in requested]))   # [N, 5, 2]
-    return (read - wanted).norm(dim=-1).mean(-1).numpy()
-
-
 def random_controlnet(unet, conditioning_channels: Sequence[int] = (16, 32), seed: int = 0):
     """An untrained "extra" ControlNet shaped like `unet`'s encoder: random weights, including the
     output convolutions a fresh ControlNet starts with at zero (so its effect is visible).
@@ -90,9 +76,6 @@ def random_controlnet(unet, conditioning_channels: Sequence[int] = (16, 32), see
     Built from `unet`'s config, so `unet` may already carry the adapter's identity processors.
     """
     from diffusers import UNet2DConditionModel
-
-    from ..identitynet import identitynet_from_unet
-    from ..tiny import seeded
 
     with seeded(seed), torch.no_grad():
         net = identitynet_from_unet(UNet2DConditionModel.from_config(unet.config), conditioning_channels,

@@ -19,18 +19,24 @@ and both (1, 1), so rows differ only in which parts are on.
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 
-from .inspector import caption_accuracy, inspect, keypoint_error
-from .instantid import keypoint_image
-from .recognizer import embed_images, images_to_tensor
-from .world import HELDOUT_IDS, Caption, Pose, Sample, render_id
+from ..data import MINIATURE_DIR
+from ..images import ImageLike, image_sheet, load_image
+from .inspector import ATTRIBUTES, inspect, load_inspector
+from .instantid import keypoint_image, load_miniature
+from .recognizer import embed_images, load_recognizer
+from .world import BACKGROUND_RGB, BACKGROUNDS, HELDOUT_IDS, Caption, Pose, images_to_tensor, render_id
 
 #: name -> (adapter scale, IdentityNet scale)
 ABLATIONS = {"base": (0.0, 0.0), "adapter only": (1.0, 0.0), "IdentityNet only": (0.0, 1.0), "both": (1.0, 1.0)}
@@ -81,7 +87,7 @@ class Judges:
             return scores
         read = inspect(self.inspector, x)
         requested = torch.from_numpy(np.stack([s.kps for s in self.task.targets])).float()
-        return {**scores, "keypoint_error_px": keypoint_error(read["kps"], requested),
+        return {**scores, "keypoint_error_px": float(keypoint_distances(read["kps"], requested).mean()),
                 "caption_accuracy": caption_accuracy(read, [s.caption for s in self.task.targets])}
 
 
@@ -126,34 +132,62 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def save_ablation(result: dict, out) -> None:
+def save_ablation(result: dict, out: Path) -> None:
     """Write `ablation.json` (scores), `ablation.md` (the table) and `ablation.png` (first 8 identities per row)."""
-    import json
-    from pathlib import Path
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps({k: v for k, v in result.items() if k != "images"}, indent=2))
     (out / "ablation.md").write_text(format_table(result) + f"\n\n{result['identities']} held-out identities, "
                                      f"{result['sampler']}.\n")
     rows = [im[:8] for im in result["images"].values()]
-    sheet = Image.new("RGB", (8 * 32, len(rows) * 32))
-    for r, row in enumerate(rows):
-        for c, im in enumerate(row):
-            sheet.paste(im, (c * 32, r * 32))
-    sheet.resize((sheet.width * 3, sheet.height * 3), Image.NEAREST).save(out / "ablation.png")
+    image_sheet([im for row in rows for im in row], columns=len(rows[0]), scale=3).save(out / "ablation.png")
+
+
+# ----------------------------------------------------------------------------- the judges' readings
+
+
+def keypoint_distances(predicted: Tensor, requested: Tensor) -> Tensor:
+    """Per face, the mean distance in pixels between predicted [N, 5, 2] and requested [N, 5, 2] keypoints: [N]."""
+    return (predicted - requested).norm(dim=-1).mean(-1)
+
+
+def keypoint_errors(inspector, images: Sequence[ImageLike], requested: Sequence[np.ndarray]) -> np.ndarray:
+    """Per image, the mean distance in pixels between the keypoints the inspector reads and the requested ones.
+
+    :param inspector: a `FaceInspector` (e.g. `get_face_analyzer("miniature").inspector`).
+    :param requested: N keypoint arrays [5, 2], in pixels of the images.
+    :return: shape [N].
+    """
+    read = inspect(inspector, images_to_tensor([load_image(x) for x in images]))["kps"]   # [N, 5, 2]
+    wanted = torch.from_numpy(np.stack([np.asarray(k, np.float32) for k in requested]))   # [N, 5, 2]
+    return keypoint_distances(read, wanted).numpy()
+
+
+def caption_accuracy(read: dict, captions: Sequence[Caption]) -> dict:
+    """Per attribute: the fraction of images whose read value equals the caption's; "all": every attribute right."""
+    hits = {name: np.array([r == getattr(c, name) for r, c in zip(read[name], captions)]) for name in ATTRIBUTES}
+    out = {name: float(h.mean()) for name, h in hits.items()}
+    out["all"] = float(np.logical_and.reduce(list(hits.values())).mean())
+    out["mean"] = float(np.mean([out[name] for name in ATTRIBUTES]))
+    return out
+
+
+def background_of(images: Tensor) -> list[str]:
+    """The background each image [B, 3, H, W] in [-1, 1] shows, read from its two top corners.
+
+    Stripes are recognised by a large spread of the corner pixels; otherwise the nearest plain colour.
+    """
+    rgb = (images + 1) * 127.5
+    corners = torch.cat([rgb[:, :, :4, :4], rgb[:, :, :4, -4:]], dim=3).flatten(2)  # [B, 3, 32]
+    plain = [b for b in BACKGROUNDS if b != "stripes"]
+    palette = torch.tensor([BACKGROUND_RGB[b] for b in plain], dtype=torch.float32)  # [K, 3]
+    distances = torch.cdist(corners.mean(2), palette)  # [B, K]
+    striped = corners.std(2).mean(1) > 30
+    return ["stripes" if s else plain[int(k)] for s, k in zip(striped, distances.argmin(1))]
 
 
 def main(argv=None) -> None:
     """CLI: score base / adapter only / IdentityNet only / both on held-out identities and print the table."""
-    import argparse
-    from pathlib import Path
-
-    from ..data import MINIATURE_DIR
-    from .inspector import load_inspector
-    from .instantid import load_miniature
-    from .train import load_recognizer
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--folder", type=Path, default=MINIATURE_DIR, help="the miniature's weights")
     parser.add_argument("--instantid", type=Path, default=None, help="a retrained InstantID on the same base")

@@ -15,15 +15,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .recognizer import conv_trunk, fit_one_cycle
-from .world import ACCESSORIES, BACKGROUNDS, EXPRESSIONS, STYLES, TRAIN_IDS, Caption, random_samples
+from ..errors import ModelFilesMissingError
+from .recognizer import conv_trunk
+from .world import ACCESSORIES, BACKGROUNDS, EXPRESSIONS, STYLES
 
 #: Caption attribute -> its possible values, in the order of the classifier's logits.
 ATTRIBUTES = {"background": BACKGROUNDS, "expression": EXPRESSIONS, "accessory": ACCESSORIES, "style": STYLES}
@@ -72,37 +72,6 @@ class FaceInspector(nn.Module):
         return {"kps": kps, **{name: head(h) for name, head in self.heads.items()}}
 
 
-def _targets(samples: Sequence) -> dict:
-    """Ground truth of rendered samples: keypoints [N, 5, 2] and one class index [N] per attribute."""
-    out = {"kps": torch.from_numpy(np.stack([s.kps for s in samples])).float()}
-    for name, values in ATTRIBUTES.items():
-        out[name] = torch.tensor([values.index(getattr(s.caption, name)) for s in samples])
-    return out
-
-
-def inspector_loss(outputs: dict, targets: dict, image_size: int) -> Tensor:
-    """Smooth-L1 on keypoints (in fractions of the image) + the sum of the attribute cross-entropies."""
-    loss = F.smooth_l1_loss(outputs["kps"] / image_size, targets["kps"] / image_size, beta=0.02) * 10
-    return loss + sum(F.cross_entropy(outputs[name], targets[name]) for name in ATTRIBUTES)
-
-
-def train_inspector(config: InspectorConfig, progress: bool = True) -> tuple[FaceInspector, list[float]]:
-    """Train on `config.train_images` renders of training identities (random pose and caption)."""
-    from .recognizer import images_to_tensor
-
-    samples = random_samples(TRAIN_IDS, config.train_images, seed=config.seed)
-    images, targets = images_to_tensor([s.image for s in samples]), _targets(samples)
-    torch.manual_seed(config.seed)
-    model = FaceInspector(config)
-
-    def batch_loss(index: Tensor) -> Tensor:
-        return inspector_loss(model(images[index]), {k: v[index] for k, v in targets.items()}, config.image_size)
-
-    losses = fit_one_cycle(model, list(model.parameters()), batch_loss, len(images), config.steps, config.batch_size,
-                           config.lr, config.seed, "inspector", progress)
-    return model.eval(), losses
-
-
 @torch.no_grad()
 def inspect(model: FaceInspector, images: Tensor, batch_size: int = 512) -> dict:
     """Read faces: {"kps": [N, 5, 2] pixels, attribute name: list of predicted values}.
@@ -117,35 +86,14 @@ def inspect(model: FaceInspector, images: Tensor, batch_size: int = 512) -> dict
     return out
 
 
-def keypoint_error(predicted: Tensor, requested: Tensor) -> float:
-    """Mean distance in pixels between predicted [N, 5, 2] and requested [N, 5, 2] keypoints."""
-    return float((predicted - requested).norm(dim=-1).mean())
-
-
-def caption_accuracy(read: dict, captions: Sequence[Caption]) -> dict:
-    """Per attribute: the fraction of images whose read value equals the caption's; "all": every attribute right."""
-    hits = {name: np.array([r == getattr(c, name) for r, c in zip(read[name], captions)]) for name in ATTRIBUTES}
-    out = {name: float(h.mean()) for name, h in hits.items()}
-    out["all"] = float(np.logical_and.reduce(list(hits.values())).mean())
-    out["mean"] = float(np.mean([out[name] for name in ATTRIBUTES]))
-    return out
-
-
 def save_inspector(model: FaceInspector, path: Path) -> None:
     """Save the weights as float16 (half the bytes; it only scores images) with its config as metadata."""
-    from safetensors.torch import save_file
-
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"config": json.dumps(asdict(model.config))})
 
 
 def load_inspector(path: Path) -> FaceInspector:
     """An inspector saved by `save_inspector` (its config is read from the file's metadata)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from ..errors import ModelFilesMissingError
-
     path = Path(path)
     if not path.exists():
         raise ModelFilesMissingError(f"{path} is missing: run `python -m instantid_lab.miniature.train inspector`")

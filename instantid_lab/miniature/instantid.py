@@ -1,5 +1,5 @@
 """The miniature's InstantID stage: the kit's own Resampler, decoupled attention and IdentityNet,
-trained on top of the frozen miniature base with the base's objective (`base.diffusion_loss`).
+trained on top of the frozen miniature base with the base's objective (`objective.denoising_loss`).
 
 Per training sample: the latent of a rendered face, its caption, the conditioning recogniser's
 embedding of the same image (64-d, unit norm) and its keypoint image. The identity embedding goes
@@ -24,9 +24,11 @@ from torch import Tensor, nn
 
 from ..adapter import Resampler, ResamplerConfig
 from ..attention import install_adapter
-from ..errors import ModelFilesMissingError
-from ..identitynet import identitynet_from_unet, run_identitynet
+from ..checkpoint import save_adapter_state
+from ..identitynet import identitynet_from_unet
 from ..keypoints import draw_kps
+from ..pipeline import InstantIDPipeline
+from .base import load_base
 
 #: The keypoint image is drawn at this size with the release's `draw_kps` (radius 10, stick width 4),
 #: then box-downsampled to the image size: at 32 px a point is a ~5 px disc, the limbs ~1 px.
@@ -97,47 +99,18 @@ class InstantIDParts(nn.Module):
         """The adapter in the released layout: {"image_proj": Resampler weights, "ip_adapter": processor weights}."""
         return {"image_proj": self.image_proj.state_dict(), "ip_adapter": self.ip_adapter.state_dict()}
 
-    def pipeline(self, vae, text_encoder, tokenizer, unet, base: Path):
-        """An `InstantIDPipeline` that generates with these parts as they are (e.g. during training).
+    def attach(self, base: InstantIDPipeline) -> InstantIDPipeline:
+        """A pipeline sharing `base`'s parts, with these as its IdentityNet and Resampler (e.g. during training).
 
-        :param unet: the UNet these parts were built on (it carries their attention processors).
-        :param base: folder of the base, for its scheduler.
+        :param base: the plain base pipeline whose UNet these parts were built on (it carries their
+            attention processors), e.g. `base.load_base(folder)`.
         """
-        from diffusers import DDIMScheduler
-
-        from ..pipeline import InstantIDPipeline
-
-        scheduler = DDIMScheduler.from_pretrained(Path(base) / "scheduler")
-        return InstantIDPipeline(vae, text_encoder, None, tokenizer, None, unet, self.identitynet, scheduler,
-                                 image_proj=self.image_proj)
+        return InstantIDPipeline(**{**base.components, "controlnet": self.identitynet, "image_proj": self.image_proj})
 
     def save(self, out: Path) -> None:
-        from ..checkpoint import save_adapter_state
-
+        """The adapter as `out/instantid_adapter.safetensors` (released layout), IdentityNet as `out/identitynet`."""
         save_adapter_state(self.adapter_state(), Path(out) / ADAPTER_FILE)
         self.identitynet.save_pretrained(str(Path(out) / "identitynet"), safe_serialization=True)
-
-
-def predict(parts: InstantIDParts, unet, noisy: Tensor, t: Tensor, text_tokens: Tensor, embeds: Tensor,
-            kps_images: Tensor) -> Tensor:
-    """The UNet's prediction with both InstantID paths, as the pipeline computes it (scales 1).
-
-    :param noisy: shape [B, 4, h, w]
-    :param text_tokens: shape [B, L, C]
-    :param embeds: identity embeddings, shape [B, E]
-    :param kps_images: keypoint images, shape [B, 3, H, W] in [0, 1]
-    """
-    identity_tokens = parts.image_proj(embeds)  # [B, 16, C]
-    down, mid = run_identitynet(parts.identitynet, noisy, t, identity_tokens, kps_images)
-    return unet(noisy, t, encoder_hidden_states=text_tokens, down_block_additional_residuals=down,
-                mid_block_additional_residual=mid,
-                cross_attention_kwargs={"identity_tokens": identity_tokens, "adapter_scale": 1.0}).sample
-
-
-def drop_identities(embeds: Tensor, p: float, generator: torch.Generator) -> Tensor:
-    """Zero each row of `embeds` [B, E] with probability p (the zero vector is the negative identity)."""
-    keep = torch.rand(len(embeds), generator=generator) >= p  # [B]
-    return embeds * keep[:, None]
 
 
 def keypoint_tensor(kps_list: Sequence[np.ndarray], size: int = 32) -> Tensor:
@@ -146,7 +119,7 @@ def keypoint_tensor(kps_list: Sequence[np.ndarray], size: int = 32) -> Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
 
 
-def load_miniature(folder: Path, instantid: Optional[Path] = None):
+def load_miniature(folder: Path, instantid: Optional[Path] = None) -> InstantIDPipeline:
     """The trained miniature as an `InstantIDPipeline` (SD-shaped; IdentityNet and adapter if trained).
 
     :param folder: holds vae/, text_encoder/, tokenizer/, unet/, scheduler/ and optionally identitynet/
@@ -155,39 +128,12 @@ def load_miniature(folder: Path, instantid: Optional[Path] = None):
         on the same base).
     :raises ModelFilesMissingError: a base part is missing.
     """
-    from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import ControlNetModel
 
-    from ..pipeline import InstantIDPipeline
-
-    folder = Path(folder)
-    missing = [p for p in ("vae", "text_encoder", "tokenizer", "unet", "scheduler") if not (folder / p).is_dir()]
-    if missing:
-        raise ModelFilesMissingError(f"{folder} lacks {missing}: train the miniature first "
-                                     f"(python -m instantid_lab.miniature.train autoencoder|base --out {folder})")
-    parts = Path(instantid) if instantid is not None else folder
-    f32 = {"torch_dtype": torch.float32}
-    has_identitynet = (parts / "identitynet").is_dir()
-    identitynet = ControlNetModel.from_pretrained(parts / "identitynet", **f32) if has_identitynet else None
-    pipe = InstantIDPipeline(
-        AutoencoderKL.from_pretrained(folder / "vae", **f32),
-        _quietly(CLIPTextModel.from_pretrained, folder / "text_encoder", **f32), None,
-        CLIPTokenizer.from_pretrained(folder / "tokenizer"), None,
-        UNet2DConditionModel.from_pretrained(folder / "unet", **f32), identitynet,
-        DDIMScheduler.from_pretrained(folder / "scheduler"))
+    pipe = load_base(folder)
+    parts = Path(instantid) if instantid is not None else Path(folder)
+    if (parts / "identitynet").is_dir():
+        pipe.register_modules(controlnet=ControlNetModel.from_pretrained(parts / "identitynet", torch_dtype=torch.float32))
     if (parts / ADAPTER_FILE).exists():
         pipe.load_adapter(parts / ADAPTER_FILE)
     return pipe
-
-
-def _quietly(load, *args, **kwargs):
-    """`load(*args, **kwargs)` without transformers' per-file progress bar (a 0.1 M-parameter model loads at once)."""
-    from transformers.utils import logging as transformers_logging
-
-    was_enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        return load(*args, **kwargs)
-    finally:
-        if was_enabled:
-            transformers_logging.enable_progress_bar()

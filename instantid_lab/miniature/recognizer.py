@@ -12,16 +12,18 @@ s * cos(theta_j); then ordinary cross-entropy.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from .world import TRAIN_IDS, Caption, Pose, render_id
+from ..errors import ModelFilesMissingError
 
 
 @dataclass
@@ -83,66 +85,6 @@ def arcface_logits(embeddings: torch.Tensor, centres: torch.Tensor, labels: torc
     return s * cos.scatter(1, labels[:, None], torch.cos(theta_y + m))
 
 
-def images_to_tensor(images: Sequence) -> torch.Tensor:
-    """PIL images -> float tensor [B, 3, H, W] in [-1, 1]."""
-    array = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # [B, H, W, 3]
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
-def render_training_set(n_identities: int, renders_per_identity: int, seed: int, size: int = 32):
-    """Pre-render `n_identities` x `renders_per_identity` faces with random pose and caption.
-
-    :returns: (images [N, 3, size, size] in [-1, 1], labels [N] in [0, n_identities))
-    """
-    rng = np.random.default_rng(seed)
-    ids = list(TRAIN_IDS)[:n_identities]
-    samples, labels = [], []
-    for label, identity_id in enumerate(ids):
-        for _ in range(renders_per_identity):
-            samples.append(render_id(identity_id, Pose.sample(rng), Caption.sample(rng), size).image)
-            labels.append(label)
-    return images_to_tensor(samples), torch.tensor(labels)
-
-
-def train_recognizer(config: RecognizerConfig, images: torch.Tensor, labels: torch.Tensor,
-                     steps: int = 1000, batch_size: int = 256, lr: float = 2e-3,
-                     progress: bool = True) -> tuple[FaceRecognizer, list[float]]:
-    """Train a `FaceRecognizer` with the ArcFace loss on pre-rendered faces; returns it and the loss curve."""
-    torch.manual_seed(config.seed)
-    model = FaceRecognizer(config)
-    centres = nn.Parameter(torch.randn(int(labels.max()) + 1, config.embedding_dim))
-
-    def batch_loss(index: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(arcface_logits(model(images[index]), centres, labels[index]), labels[index])
-
-    losses = fit_one_cycle(model, [*model.parameters(), centres], batch_loss, len(labels), steps, batch_size, lr,
-                           config.seed, "recognizer", progress)
-    return model.eval(), losses
-
-
-def fit_one_cycle(model: nn.Module, params: list, batch_loss, n: int, steps: int, batch_size: int, lr: float,
-                  seed: int, desc: str, progress: bool = True) -> list[float]:
-    """The encoders' loop: AdamW (weight decay 1e-4) with a one-cycle schedule (10% warm-up), random batches.
-
-    :param batch_loss: maps the row indices of a batch (drawn from `n` pre-rendered samples with a generator
-        seeded by `seed`) to a scalar loss.
-    :return: the loss of every step.
-    """
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for _ in tqdm(range(steps), desc=desc, disable=not progress):
-        loss = batch_loss(torch.randint(n, (batch_size,), generator=generator))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    return losses
-
-
 @torch.no_grad()
 def embed_images(model: FaceRecognizer, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Unit-norm embeddings [N, E] of images [N, 3, H, W] in [-1, 1]."""
@@ -169,3 +111,25 @@ def verification_scores(embeddings: torch.Tensor, labels: torch.Tensor) -> dict:
 def config_dict(config: RecognizerConfig) -> dict:
     """`config` as a plain dict (for safetensors metadata and model cards)."""
     return asdict(config)
+
+
+def save_recognizer(model: FaceRecognizer, path: Path) -> None:
+    """Save the weights with the config as safetensors metadata (what `load_recognizer` reads)."""
+    save_file(model.state_dict(), str(path), metadata={"config": json.dumps(config_dict(model.config))})
+
+
+def load_recognizer(path: Path) -> FaceRecognizer:
+    """A recogniser saved by `save_recognizer` (config read from the file's metadata), in eval mode.
+
+    :raises ModelFilesMissingError: the file is missing (says how to train it).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelFilesMissingError(f"{path} is missing: run `python -m instantid_lab.miniature.train recognizers "
+                                     f"--out {path.parent}` or restore data/miniature from the repository")
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["config"])
+    config["widths"] = tuple(config["widths"])
+    model = FaceRecognizer(RecognizerConfig(**config))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 #: Identity ids used for training; held-out ids never appear in training.
@@ -28,7 +29,8 @@ EXPRESSIONS = ("neutral", "smiling")
 ACCESSORIES = ("none", "glasses", "hat")
 STYLES = ("flat", "outline")
 
-_BACKGROUND_RGB = {
+#: The colour of each plain background ("stripes" is grey with dark stripes).
+BACKGROUND_RGB = {
     "blue": (70, 110, 200), "green": (80, 160, 90), "red": (190, 70, 70),
     "yellow": (220, 200, 80), "purple": (130, 80, 170), "stripes": (200, 200, 200),
 }
@@ -157,8 +159,14 @@ def random_samples(identity_ids: Sequence[int], n: int, seed: int, size: int = 3
     return [render_id(int(i), Pose.sample(rng), Caption.sample(rng), size) for i in ids]
 
 
+def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL images -> float tensor [B, 3, H, W] in [-1, 1] (what the miniature's networks read)."""
+    array = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # [B, H, W, 3]
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
 def _background(name: str) -> Image.Image:
-    canvas = Image.new("RGBA", (CANVAS, CANVAS), _BACKGROUND_RGB[name] + (255,))
+    canvas = Image.new("RGBA", (CANVAS, CANVAS), BACKGROUND_RGB[name] + (255,))
     if name == "stripes":
         draw = ImageDraw.Draw(canvas)
         for x in range(0, CANVAS, 16):

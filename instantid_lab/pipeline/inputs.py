@@ -5,13 +5,15 @@
 - images (keypoint image, source image): a path, PIL image, HWC array, tensor [3, H, W] in [0, 1],
   or one per prompt -> [B, 3, H, W] in [0, 1] at the requested size;
 - masks: the same, one channel -> [B, 1, H, W] in [0, 1];
-- scales: a number, or one per prompt / per generated image -> float or Tensor [B * n].
+- scales: a number, or one per prompt / per generated image -> float or Tensor [B * n];
+- ControlNet settings: `control_guidance_start/end` and the extra ControlNets (parallel lists, or
+  `ExtraControlNet` records) -> IdentityNet's `ControlWindow` and a list of `ExtraControlNet`.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Union
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,8 +23,8 @@ from torch import Tensor
 from ..embeddings import mean_embedding
 from ..errors import InputError
 from ..images import load_image
-
-Scale = Union[float, Tensor]
+from ..types import Scale, per_sample_scale
+from .records import ControlWindow, ExtraControlNet
 
 
 def as_prompts(prompt) -> list[str]:
@@ -120,6 +122,19 @@ def image_size(image) -> tuple[int, int]:
     return load_image(image).size
 
 
+def output_size(keypoint_image, height, width, native: int, multiple: int) -> tuple[int, int]:
+    """(height, width): the requested size; a missing side from the keypoint image's aspect with the
+    short side `native` and each side a multiple of `multiple` (square `native` without an image)."""
+    from ..keypoints import fit_size
+
+    if height is not None and width is not None:
+        return int(height), int(width)
+    fitted_w, fitted_h = (native, native)
+    if keypoint_image is not None:
+        fitted_w, fitted_h = fit_size(image_size(keypoint_image), target_short=native, multiple=multiple)
+    return int(height or fitted_h), int(width or fitted_w)
+
+
 def as_image_batch(image, n: int, height: int, width: int) -> Tensor:
     """One image (repeated) or `n` images -> [n, 3, height, width], RGB in [0, 1].
 
@@ -188,22 +203,101 @@ def _resize(t: Tensor, height: int, width: int, mask: bool = False) -> Tensor:
 # ----------------------------------------------------------------------------- scales
 
 
-def as_sample_scale(scale, n_prompts: int, n_per_prompt: int) -> Scale:
+def as_sample_scale(scale, n_prompts: int, n_per_prompt: int, name: str = "scale") -> Scale:
     """A scale for every generated image: a float, or a Tensor of shape [n_prompts * n_per_prompt].
 
     :param scale: a number; or one per prompt (length n_prompts, repeated for each image of the
         prompt); or one per generated image (length n_prompts * n_per_prompt, prompt-major).
+    :param name: the argument's name, for the error message.
     """
     if isinstance(scale, numbers.Number):
         return float(scale)
     t = torch.as_tensor(scale, dtype=torch.float32).detach().cpu().flatten()
-    if t.numel() == n_prompts * n_per_prompt:
-        return t
-    if t.numel() == n_prompts:
-        return t.repeat_interleave(n_per_prompt)                   # [B] -> [B * n]
     if t.numel() == 1:
         return float(t)
-    raise InputError(
-        f"a scale must be a number, or have {n_prompts} (one per prompt) or {n_prompts * n_per_prompt} "
-        f"(one per image) entries; got {t.numel()}"
-    )
+    if t.numel() == n_prompts and n_per_prompt > 1:
+        t = t.repeat_interleave(n_per_prompt)                      # [B] -> [B * n]
+    return per_sample_scale(t, n_prompts * n_per_prompt, name=name)
+
+
+# ----------------------------------------------------------------------------- ControlNets
+
+
+def as_controlnets(start, end, extra_controlnets: Sequence, extra_images: Sequence,
+                   extra_scales) -> tuple[ControlWindow, list[ExtraControlNet]]:
+    """IdentityNet's window and the extra ControlNets as records, from `__call__`'s arguments.
+
+    :param start, end: `control_guidance_start/end`: a number for every ControlNet, or a list with
+        one per ControlNet, IdentityNet first. With `ExtraControlNet` records, numbers: IdentityNet's.
+    :param extra_controlnets: ControlNets (then one image each in `extra_images`), or `ExtraControlNet`
+        records (then `extra_images` stays empty and `extra_scales` at its default, `ExtraControlNet.scale`).
+    :param extra_scales: a number for every extra ControlNet, or one per extra ControlNet.
+    :raises InputError: lengths that do not match, or records mixed with the parallel lists.
+    """
+    nets = list(extra_controlnets)
+    records = [isinstance(n, ExtraControlNet) for n in nets]
+    if any(records):
+        _check_records(all(records), start, end, extra_images, extra_scales)
+        return ControlWindow(float(start), float(end)), nets
+    if len(nets) != len(extra_images):
+        raise InputError(f"got {len(nets)} extra ControlNets but {len(extra_images)} extra images; give one image each")
+    starts, ends = _per_control(start, 1 + len(nets)), _per_control(end, 1 + len(nets))
+    windows = [ControlWindow(float(s), float(e)) for s, e in zip(starts, ends)]   # IdentityNet first
+    specs = zip(nets, extra_images, _per_control(extra_scales, len(nets)), windows[1:])
+    return windows[0], [ExtraControlNet(net, image, scale, window) for net, image, scale, window in specs]
+
+
+def _check_records(only_records: bool, start, end, extra_images, extra_scales) -> None:
+    raise_first([
+        (not only_records, "extra_controlnets mixes ExtraControlNet records and bare ControlNets; use one kind"),
+        (len(extra_images) > 0 or not _is_default_scale(extra_scales),
+         "with ExtraControlNet records leave extra_images and extra_scales out: each record has its image and scale"),
+        (not all(isinstance(x, numbers.Number) for x in (start, end)),
+         "with ExtraControlNet records give control_guidance_start/end as numbers (IdentityNet's window); "
+         "each record carries its own window"),
+    ])
+
+
+def _is_default_scale(scale) -> bool:
+    return isinstance(scale, numbers.Number) and scale == ExtraControlNet.scale
+
+
+def _per_control(value, count: int) -> list:
+    """A number for every ControlNet, or a list with one per ControlNet."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise InputError(f"got {len(value)} values for {count} ControlNets; give one number or one per ControlNet")
+        return list(value)
+    return [value] * count
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def identity_problems(has_adapter: bool, has_identitynet: bool, has_identity: bool, has_keypoints: bool,
+                      names: tuple[str, str] = ("face_embedding", "keypoint_image")) -> list[tuple[bool, str]]:
+    """(failed, message) checks of the identity inputs against the loaded parts: an identity needs
+    the image adapter, the adapter needs an identity, IdentityNet needs an identity and keypoints.
+    Without adapter, IdentityNet and identity the pipeline is the plain base model.
+
+    :param names: the argument names of the identity and the keypoint image, for the messages.
+    """
+    identity, keypoints = names
+    return [
+        (has_identity and not has_adapter,
+         f"{identity} was given but no image adapter is loaded: call pipe.load_adapter('ip-adapter.bin') first"),
+        (has_adapter and not has_identity,
+         f"an image adapter is loaded but {identity} is None: pass the face's identity embedding (face.embedding)"),
+        (has_identitynet and not has_identity,
+         f"IdentityNet reads identity tokens but {identity} is None: load the adapter (pipe.load_adapter) and "
+         "pass face.embedding, or build the pipeline with controlnet=None for the plain model"),
+        (has_identitynet and not has_keypoints,
+         f"{keypoints} is required with IdentityNet (keypoints.draw_kps(face.kps, size))"),
+    ]
+
+
+def raise_first(problems: list[tuple[bool, str]]) -> None:
+    """Raise `InputError` with the message of the first failed (failed, message) check."""
+    for failed, message in problems:
+        if failed:
+            raise InputError(message)

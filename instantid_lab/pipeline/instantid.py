@@ -11,12 +11,12 @@ The stages are methods named by what they do (`encode_prompt`, `encode_identity`
 `prepare_keypoint_image`, `prepare_latents`, `predict_noise`, `decode_latents`), so a variant
 (img2img, inpainting, another guidance) changes one stage, not a copy of the pipeline.
 img2img (`image=`, `strength=`) and inpainting (`mask_image=`) are the same pipeline: they only
-change where the latents start and what is kept after each step.
+change where the latents start and what is kept after each step. Without the image adapter and
+IdentityNet (no `load_adapter`, `controlnet=None`, no face embedding) it is the plain base model.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -31,11 +31,13 @@ from diffusers.utils import BaseOutput
 
 from ..adapter import Resampler
 from ..errors import InputError
-from ..identitynet import add_residuals, controlnet_residuals, zero_pad_uncond
-from .guidance import Conditioning, Control, cond_half, guide, same_for_both, with_uncond
-from .inputs import (as_identity_embeddings, as_image_batch, as_mask_batch, as_negative_prompts, as_prompts,
-                     as_sample_scale, image_size)
-from .latents import LatentState, keep_known_region, random_latents, schedule, start_latents
+from ..types import Scale, per_sample_scale
+from .guidance import (Conditioning, Control, control_residuals, guide, negative_embedding, repeat_per_image,
+                       same_for_both, with_uncond)
+from .inputs import (as_controlnets, as_identity_embeddings, as_image_batch, as_mask_batch, as_negative_prompts,
+                     as_prompts, as_sample_scale, identity_problems, output_size, raise_first)
+from .latents import LatentState, keep_known_region, random_latents, schedule, start_latents, step_kwargs
+from .records import BatchGeometry, ControlWindow, ExtraControlNet, NegativeIdentity
 
 
 @dataclass
@@ -51,7 +53,7 @@ class InstantIDPipeline(DiffusionPipeline):
     Constructed like `StableDiffusionXLControlNetPipeline`; `controlnet` is IdentityNet (may be None
     for adapter-only generation), `text_encoder_2` / `tokenizer_2` are None for SD-shaped UNets.
     The image adapter is added with `load_adapter`, which sets `image_proj` (the Resampler) and
-    installs decoupled attention on the UNet.
+    installs decoupled attention on the UNet. With neither, the pipeline is the plain base model.
 
     :param force_zeros_for_empty_prompt: without a negative prompt, use an all-zero negative text
         embedding (SDXL's convention; default: True when there is a second text encoder).
@@ -73,12 +75,12 @@ class InstantIDPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------- the adapter
 
-    def load_adapter(self, path_or_state_dict, scale: float = 1.0) -> None:
+    def load_adapter(self, path_or_state_dict, layer_scale: float = 1.0) -> None:
         """Load the image adapter: the Resampler as `self.image_proj`, decoupled attention on the UNet.
 
         :param path_or_state_dict: `ip-adapter.bin`, a `.safetensors` file, or a dict
             {"image_proj": ..., "ip_adapter": ...} (see `checkpoint.load_adapter_state`).
-        :param scale: every layer's identity scale (multiplies the per-call `adapter_scale`).
+        :param layer_scale: every layer's identity scale (multiplies the per-call `adapter_scale`).
         :raises CheckpointError: the checkpoint does not fit this UNet (names the keys).
         """
         from ..attention import install_adapter
@@ -87,7 +89,7 @@ class InstantIDPipeline(DiffusionPipeline):
         state = load_adapter_state(path_or_state_dict)
         image_proj = Resampler.from_state_dict(state["image_proj"])
         check_ip_adapter_state(self.unet, state["ip_adapter"])
-        layers = install_adapter(self.unet, scale=scale)
+        layers = install_adapter(self.unet, layer_scale=layer_scale)
         layers.load_state_dict(state["ip_adapter"])
         layers.to(device=self.unet.device, dtype=self.unet.dtype)
         self.register_modules(image_proj=image_proj.to(device=self.unet.device, dtype=self.unet.dtype).eval())
@@ -102,7 +104,7 @@ class InstantIDPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------- the call
 
     @torch.no_grad()
-    def __call__(self, prompt, face_embedding, keypoint_image=None, adapter_scale=0.8, identitynet_scale=0.8,
+    def __call__(self, prompt, face_embedding=None, keypoint_image=None, adapter_scale=0.8, identitynet_scale=0.8,
                  negative_prompt=None, num_inference_steps: int = 30, guidance_scale: float = 5.0, generator=None,
                  height: Optional[int] = None, width: Optional[int] = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", control_guidance_start=0.0, control_guidance_end=1.0,
@@ -113,20 +115,31 @@ class InstantIDPipeline(DiffusionPipeline):
                  callback_on_step_end: Optional[Callable] = None, return_dict: bool = True):
         """Generate images of the person whose identity embedding is `face_embedding`.
 
+        The arguments are turned once into records (`pipeline.records`): `BatchGeometry` (prompts,
+        images per prompt, size, guided), `ControlWindow` (IdentityNet's start/end), `NegativeIdentity`
+        (kind, strength, seed) and one `ExtraControlNet` (net, image, scale, window) per extra
+        ControlNet; the stages then see only those records and `Conditioning`.
+
         :param prompt: a string or a list of B strings.
         :param face_embedding: [D]; [N, D] (N references, combined by `reference_mode`); or one per
             prompt ([B, N, D] or a list). D must be the Resampler's `embedding_dim` (512 for antelopev2).
-        :param keypoint_image: the keypoint image (`keypoints.draw_kps`), one or one per prompt.
-        :param adapter_scale: identity-attention scale: a number, or one per prompt / per image.
+            None (the default) without an image adapter and IdentityNet: the plain base model.
+        :param keypoint_image: the keypoint image (`keypoints.draw_kps`), one or one per prompt;
+            required with IdentityNet.
+        :param adapter_scale: identity-attention scale per call: a number, or one per prompt / per image
+            (it multiplies each layer's `layer_scale`, see `attention.set_layer_scale`).
         :param identitynet_scale: IdentityNet conditioning scale: a number, or one per prompt / per image.
         :param height, width: output size; default: the keypoint image's aspect with the short side at the
             model's native size (1024 for SDXL), each side a multiple of 8 latent pixels.
         :param control_guidance_start, control_guidance_end: the fraction of steps the ControlNets act in
-            (a number, or a list: IdentityNet first, then the extras).
+            (a number, or a list: IdentityNet first, then the extras); with `ExtraControlNet` records,
+            numbers that set IdentityNet's window (each record has its own).
         :param negative_identity: "zeros" (the reference: Resampler of a zero vector) or "noise" (seeded
-            Gaussian noise times `negative_identity_strength`).
+            Gaussian noise times `negative_identity_strength`, seed `negative_identity_seed`).
         :param face_mask: optional region (white = face) limiting identity attention and IdentityNet.
-        :param extra_controlnets, extra_images, extra_scales: more ControlNets; they see the text tokens.
+        :param extra_controlnets, extra_images, extra_scales: more ControlNets (they see the text tokens)
+            with one image each and a scale (one for all, or one each); or `extra_controlnets` as a list
+            of `ExtraControlNet` records, leaving `extra_images` and `extra_scales` at their defaults.
         :param image, strength: img2img source image and how much of the schedule to run (0 < s <= 1).
         :param mask_image: inpainting mask (white = repaint), with `image`.
         :param guess_mode: the ControlNets see only the conditional half (with guidance).
@@ -136,18 +149,18 @@ class InstantIDPipeline(DiffusionPipeline):
         """
         prompts = as_prompts(prompt)
         height, width = self.default_size(keypoint_image, height, width)
-        self.check_inputs(prompts, keypoint_image, height, width, num_images_per_prompt, strength, image, mask_image,
-                          negative_identity, extra_controlnets, extra_images)
+        geometry = BatchGeometry(len(prompts), num_images_per_prompt, height, width, guided=guidance_scale > 1.0)
+        self.check_inputs(geometry, face_embedding, keypoint_image, strength, image, mask_image)
+        window, extras = as_controlnets(control_guidance_start, control_guidance_end, extra_controlnets, extra_images,
+                                        extra_scales)
+        negative = NegativeIdentity(negative_identity, negative_identity_strength, negative_identity_seed)
         cond = self.prepare_conditioning(
-            prompts, face_embedding, keypoint_image, height, width, negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt, guided=guidance_scale > 1.0, adapter_scale=adapter_scale,
-            identitynet_scale=identitynet_scale, window=(control_guidance_start, control_guidance_end),
-            negative_identity=(negative_identity, negative_identity_strength, negative_identity_seed),
-            reference_mode=reference_mode, face_mask=face_mask, extras=(extra_controlnets, extra_images, extra_scales),
-            guess_mode=guess_mode)
-        timesteps = schedule(self.scheduler, num_inference_steps, strength if image is not None else 1.0, self._execution_device)
-        state = self.prepare_latents(len(prompts), num_images_per_prompt, height, width, generator, latents, image,
-                                     mask_image, timesteps, strength)
+            prompts, geometry, face_embedding, keypoint_image, negative_prompt=negative_prompt,
+            adapter_scale=adapter_scale, identitynet_scale=identitynet_scale, window=window, negative_identity=negative,
+            reference_mode=reference_mode, face_mask=face_mask, extras=extras, guess_mode=guess_mode)
+        strength = strength if image is not None else 1.0
+        timesteps = schedule(self.scheduler, num_inference_steps, strength, self._execution_device)
+        state = self.prepare_latents(geometry, generator, latents, image, mask_image, timesteps, strength)
         final = self.denoise(state, timesteps, cond, guidance_scale, generator, callback_on_step_end)
         images = self.decode_latents(final, output_type)
         self.maybe_free_model_hooks()
@@ -158,73 +171,93 @@ class InstantIDPipeline(DiffusionPipeline):
     def default_size(self, keypoint_image, height: Optional[int], width: Optional[int]) -> tuple[int, int]:
         """(height, width): the requested size, else the keypoint image's aspect at the model's native
         short side (`unet.config.sample_size` latents), each side a multiple of 8 latent pixels."""
-        from ..keypoints import fit_size
-
-        if height is not None and width is not None:
-            return int(height), int(width)
         native = int(self.unet.config.sample_size) * self.vae_scale_factor
-        fitted_w, fitted_h = (native, native)
-        if keypoint_image is not None:
-            fitted_w, fitted_h = fit_size(image_size(keypoint_image), target_short=native, multiple=8 * self.vae_scale_factor)
-        return int(height or fitted_h), int(width or fitted_w)
+        return output_size(keypoint_image, height, width, native, multiple=8 * self.vae_scale_factor)
 
-    def check_inputs(self, prompts, keypoint_image, height, width, num_images_per_prompt, strength, image,
-                     mask_image, negative_identity, extra_controlnets, extra_images) -> None:
+    def check_inputs(self, geometry: BatchGeometry, face_embedding=None, keypoint_image=None, strength: float = 1.0,
+                     image=None, mask_image=None) -> None:
         """Raise `InputError` (saying what to do) for arguments that cannot work together."""
-        problems = [
-            (self.image_proj is None, "no image adapter loaded: call pipe.load_adapter('ip-adapter.bin') first"),
-            (self.controlnet is not None and keypoint_image is None,
-             "keypoint_image is required with IdentityNet (keypoints.draw_kps(face.kps, size))"),
-            (height % self.vae_scale_factor or width % self.vae_scale_factor,
-             f"height and width must be multiples of {self.vae_scale_factor} (the VAE factor); got {height}x{width}"),
-            (num_images_per_prompt < 1, f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}"),
+        f = self.vae_scale_factor
+        parts = identity_problems(self.image_proj is not None, self.controlnet is not None, face_embedding is not None,
+                                  keypoint_image is not None)
+        raise_first(parts + [
+            (geometry.height % f or geometry.width % f,
+             f"height and width must be multiples of {f} (the VAE factor); got {geometry.height}x{geometry.width}"),
+            (geometry.n_per_prompt < 1, f"num_images_per_prompt must be >= 1, got {geometry.n_per_prompt}"),
             (image is not None and not 0.0 < strength <= 1.0, f"strength must be in (0, 1], got {strength}"),
             (mask_image is not None and image is None, "mask_image needs the source image: pass image= too"),
-            (negative_identity not in ("zeros", "noise"), f"negative_identity must be 'zeros' or 'noise', got {negative_identity!r}"),
-            (len(extra_controlnets) != len(extra_images),
-             f"got {len(extra_controlnets)} extra ControlNets but {len(extra_images)} extra images; give one image each"),
-        ]
-        for failed, message in problems:
-            if failed:
-                raise InputError(message)
+        ])
 
     # ------------------------------------------------------------------------- conditioning
 
-    def prepare_conditioning(self, prompts: list[str], face_embedding, keypoint_image, height: int, width: int, *,
-                             negative_prompt=None, num_images_per_prompt: int = 1, guided: bool = True,
-                             adapter_scale=0.8, identitynet_scale=0.8, window=(0.0, 1.0),
-                             negative_identity=("zeros", 0.35, 0), reference_mode: str = "mean", face_mask=None,
-                             extras=((), (), 0.4), guess_mode: bool = False) -> Conditioning:
-        """All the conditioning tensors, batched [uncond, cond] when `guided` (see `Conditioning`).
+    def prepare_conditioning(self, prompts: list[str], geometry: BatchGeometry, face_embedding=None,
+                             keypoint_image=None, *, negative_prompt=None, adapter_scale=0.8, identitynet_scale=0.8,
+                             window: ControlWindow = ControlWindow(),
+                             negative_identity: NegativeIdentity = NegativeIdentity(), reference_mode: str = "mean",
+                             face_mask=None, extras: Sequence[ExtraControlNet] = (),
+                             guess_mode: bool = False) -> Conditioning:
+        """All the conditioning tensors, batched [uncond, cond] when `geometry.guided` (see `Conditioning`).
 
-        :param window: (control_guidance_start, control_guidance_end).
-        :param negative_identity: (kind, strength, seed), see `negative_embedding`.
-        :param extras: (extra ControlNets, their images, their scales).
+        :param face_embedding: as `__call__`'s, or None (no identity tokens).
+        :param window: IdentityNet's `ControlWindow`.
+        :param negative_identity: the `NegativeIdentity` of the unconditional half.
+        :param extras: the extra ControlNets, `ExtraControlNet` records.
         """
-        b, n = len(prompts), num_images_per_prompt
-        text, pooled = self.encode_prompt(prompts, negative_prompt, n, guided)
-        identity = self.encode_identity(face_embedding, b, n, guided, *negative_identity, reference_mode)
-        mask = None if face_mask is None else self._per_image(as_mask_batch(face_mask, b, height, width), n, guided)
-        cond = Conditioning(
-            text_tokens=text, identity_tokens=identity, added_cond_kwargs=self.prepare_added_cond(pooled, height, width),
-            adapter_scale=same_for_both(self._scale_on_device(as_sample_scale(adapter_scale, b, n)), guided),
-            face_mask=mask, guided=guided, guess_mode=guess_mode, identity_attention=self.has_identity_attention)
-        cond.controls = self.prepare_controls(cond, keypoint_image, identitynet_scale, window, extras, b, n, height, width)
-        return cond
+        text, pooled = self.encode_prompt(prompts, geometry, negative_prompt)
+        identity = self.encode_identity(face_embedding, geometry, negative_identity, reference_mode)
+        mask = self.prepare_face_mask(face_mask, geometry)
+        controls = self.prepare_controls(geometry, text, identity, keypoint_image, identitynet_scale, window, mask,
+                                         extras)
+        return Conditioning(
+            text_tokens=text, identity_tokens=identity,
+            added_cond_kwargs=self.prepare_added_cond(pooled, geometry.height, geometry.width),
+            adapter_scale=self.prepare_scale(adapter_scale, geometry, "adapter_scale"), face_mask=mask,
+            controls=tuple(controls), guided=geometry.guided, guess_mode=guess_mode,
+            identity_attention=self.has_identity_attention)
 
-    def encode_prompt(self, prompts: list[str], negative_prompt=None, num_images_per_prompt: int = 1,
-                      guided: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    def tensor_conditioning(self, text_tokens: Tensor, identity_embeds: Optional[Tensor] = None,
+                            keypoint_images: Optional[Tensor] = None, adapter_scale=1.0,
+                            identitynet_scale=1.0) -> Conditioning:
+        """An unguided `Conditioning` straight from tensors, for training: no tokenizer, gradients kept.
+
+        With it, `predict_noise(noisy, t, cond)` is the training-time prediction (t may be one
+        timestep per sample, [B]; the scheduler's `scale_model_input` must be the identity, e.g. DDIM):
+
+            eps = UNet(z_t, t, text_tokens, Resampler(identity_embeds) + IdentityNet residuals)
+
+        :param text_tokens: the text encoder's output, shape [B, L, C].
+        :param identity_embeds: identity embeddings, shape [B, D]; None without the adapter.
+        :param keypoint_images: shape [B, 3, H, W] in [0, 1]; required with IdentityNet.
+        :param adapter_scale: a number, or a Tensor [B].
+        :param identitynet_scale: a number, or a Tensor [B].
+        :raises InputError: inputs that do not fit the loaded parts, or an SDXL-shaped ("text_time") UNet.
+        """
+        parts = identity_problems(self.image_proj is not None, self.controlnet is not None, identity_embeds is not None,
+                                  keypoint_images is not None, names=("identity_embeds", "keypoint_images"))
+        sdxl = self.unet.config.addition_embed_type == "text_time"
+        raise_first(parts + [(sdxl, "tensor_conditioning is for SD-shaped UNets (SDXL's need pooled text, time ids)")])
+        batch = text_tokens.shape[0]
+        identity = None if identity_embeds is None else self.image_proj(identity_embeds).to(self.unet.dtype)
+        controls = ()
+        if self.controlnet is not None:
+            scale = per_sample_scale(identitynet_scale, batch, name="identitynet_scale")
+            controls = (Control(self.controlnet, identity, keypoint_images, scale),)
+        return Conditioning(text_tokens, identity, None, per_sample_scale(adapter_scale, batch, name="adapter_scale"),
+                            controls=controls, guided=False, identity_attention=self.has_identity_attention)
+
+    def encode_prompt(self, prompts: list[str], geometry: BatchGeometry,
+                      negative_prompt=None) -> tuple[Tensor, Optional[Tensor]]:
         """Text tokens (and SDXL's pooled text embedding), repeated per image, [uncond, cond] if guided.
 
         :return: text tokens [B', Lt, C]; pooled [B', P] or None (SD-shaped).
         """
         tokens, pooled = self._encode_text(prompts)
-        if guided:
+        if geometry.guided:
             neg_tokens, neg_pooled = self._encode_negative_text(negative_prompt, tokens, pooled, len(prompts))
-        tokens, pooled = (_repeat(x, num_images_per_prompt) for x in (tokens, pooled))
-        if not guided:
+        tokens, pooled = (repeat_per_image(x, geometry.n_per_prompt) for x in (tokens, pooled))
+        if not geometry.guided:
             return tokens, pooled
-        neg_tokens, neg_pooled = (_repeat(x, num_images_per_prompt) for x in (neg_tokens, neg_pooled))
+        neg_tokens, neg_pooled = (repeat_per_image(x, geometry.n_per_prompt) for x in (neg_tokens, neg_pooled))
         return with_uncond(neg_tokens, tokens, True), None if pooled is None else with_uncond(neg_pooled, pooled, True)
 
     def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Optional[Tensor]]:
@@ -249,30 +282,51 @@ class InstantIDPipeline(DiffusionPipeline):
             return torch.zeros_like(tokens), None if pooled is None else torch.zeros_like(pooled)
         return self._encode_text(as_negative_prompts(negative_prompt, n_prompts))
 
-    def encode_identity(self, face_embedding, n_prompts: int, num_images_per_prompt: int = 1, guided: bool = True,
-                        negative_identity: str = "zeros", strength: float = 0.35, seed: int = 0,
-                        reference_mode: str = "mean") -> Tensor:
+    def encode_identity(self, face_embedding, geometry: BatchGeometry,
+                        negative_identity: NegativeIdentity = NegativeIdentity(),
+                        reference_mode: str = "mean") -> Optional[Tensor]:
         """Identity tokens: the Resampler applied to each prompt's identity embedding (and to the
         negative identity when guided).
 
-        :return: shape [B', N, C] (N = num_queries, C = the UNet's cross-attention width).
+        :param face_embedding: as `__call__`'s, or None.
+        :return: shape [B', N, C] (N = num_queries, C = the UNet's cross-attention width); None
+            without `face_embedding`.
         """
+        if face_embedding is None:
+            return None
         dim = self.image_proj.config.embedding_dim
-        embeds = as_identity_embeddings(face_embedding, n_prompts, dim, reference_mode)  # [B, D]
+        embeds = as_identity_embeddings(face_embedding, geometry.n_prompts, dim, reference_mode)  # [B, D]
         embeds = embeds.to(device=self._execution_device, dtype=self.image_proj.dtype)
-        tokens = _repeat(self.image_proj(embeds), num_images_per_prompt)                # [B * n, N, C]
-        if not guided:
+        tokens = repeat_per_image(self.image_proj(embeds), geometry.n_per_prompt)               # [B * n, N, C]
+        if not geometry.guided:
             return tokens.to(self.unet.dtype)
-        negative = self.image_proj(negative_embedding(embeds, negative_identity, strength, seed))
-        return with_uncond(_repeat(negative, num_images_per_prompt), tokens, True).to(self.unet.dtype)
+        neg = negative_identity
+        negative = self.image_proj(negative_embedding(embeds, neg.kind, neg.strength, neg.seed))     # [B, N, C]
+        return with_uncond(repeat_per_image(negative, geometry.n_per_prompt), tokens, True).to(self.unet.dtype)
 
-    def prepare_keypoint_image(self, keypoint_image, n_prompts: int, num_images_per_prompt: int, height: int,
-                               width: int, guided: bool) -> Tensor:
+    def prepare_keypoint_image(self, keypoint_image, geometry: BatchGeometry) -> Tensor:
         """The keypoint image at the output size, RGB in [0, 1] (no [-1, 1] normalisation).
 
         :return: shape [B', 3, height, width].
         """
-        return self._per_image(as_image_batch(keypoint_image, n_prompts, height, width), num_images_per_prompt, guided)
+        return self._per_image(as_image_batch(keypoint_image, geometry.n_prompts, geometry.height, geometry.width),
+                               geometry)
+
+    def prepare_face_mask(self, face_mask, geometry: BatchGeometry) -> Optional[Tensor]:
+        """The face region (white = face) at the output size, or None.
+
+        :return: shape [B', 1, height, width] in [0, 1].
+        """
+        if face_mask is None:
+            return None
+        return self._per_image(as_mask_batch(face_mask, geometry.n_prompts, geometry.height, geometry.width), geometry)
+
+    def prepare_scale(self, scale, geometry: BatchGeometry, name: str = "scale") -> Scale:
+        """A scale per generated image, on the device, for both halves when guided: float or Tensor [B']."""
+        scale = as_sample_scale(scale, geometry.n_prompts, geometry.n_per_prompt, name)
+        if isinstance(scale, Tensor):
+            scale = scale.to(device=self._execution_device, dtype=self.unet.dtype)
+        return same_for_both(scale, geometry.guided)
 
     def prepare_added_cond(self, pooled: Optional[Tensor], height: int, width: int) -> Optional[dict]:
         """SDXL's "text_time" inputs: the pooled text embedding and the time ids; None for SD-shaped UNets."""
@@ -288,53 +342,48 @@ class InstantIDPipeline(DiffusionPipeline):
         ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.unet.dtype, device=self._execution_device)
         return ids.repeat(batch, 1)  # [1, 6] -> [B', 6]
 
-    def prepare_controls(self, cond: Conditioning, keypoint_image, identitynet_scale, window, extras, n_prompts: int,
-                         n_per: int, height: int, width: int) -> list[Control]:
+    def prepare_controls(self, geometry: BatchGeometry, text_tokens: Tensor, identity_tokens: Optional[Tensor],
+                         keypoint_image=None, identitynet_scale=0.8, window: ControlWindow = ControlWindow(),
+                         face_mask: Optional[Tensor] = None, extras: Sequence[ExtraControlNet] = ()) -> list[Control]:
         """IdentityNet (identity tokens, keypoint image, face mask), then each extra ControlNet (text tokens)."""
-        nets, images, scales = extras
-        windows = list(zip(*(_per_control(x, 1 + len(nets)) for x in window)))  # (start, end), IdentityNet first
-        specs = [(net, cond.text_tokens, img, s, None, w)
-                 for net, img, s, w in zip(nets, images, _per_control(scales, len(nets)), windows[1:])]
-        if self.controlnet is not None:
-            specs.insert(0, (self.controlnet, cond.identity_tokens, keypoint_image, identitynet_scale, cond.face_mask,
-                             windows[0]))
-        return [self._control(*spec, cond.guided, n_prompts, n_per, height, width) for spec in specs]
+        controls = [self._control(e.net, text_tokens, e.image, e.scale, e.window, geometry) for e in extras]
+        if self.controlnet is None:
+            return controls
+        return [self._control(self.controlnet, identity_tokens, keypoint_image, identitynet_scale, window, geometry,
+                              face_mask), *controls]
 
-    def _control(self, net, context, image, scale, mask, window, guided, n_prompts, n_per, height, width) -> Control:
-        image = self.prepare_keypoint_image(image, n_prompts, n_per, height, width, guided).to(net.dtype)
-        scale = same_for_both(self._scale_on_device(as_sample_scale(scale, n_prompts, n_per)), guided)
-        return Control(net, context, image, scale, mask, tuple(window))
+    def _control(self, net, context: Tensor, image, scale, window: ControlWindow, geometry: BatchGeometry,
+                 mask: Optional[Tensor] = None) -> Control:
+        image = self.prepare_keypoint_image(image, geometry).to(net.dtype)
+        return Control(net, context, image, self.prepare_scale(scale, geometry, "conditioning scale"), mask, window)
 
-    def _per_image(self, x: Tensor, n: int, guided: bool) -> Tensor:
+    def _per_image(self, x: Tensor, geometry: BatchGeometry) -> Tensor:
         """Per-prompt tensor [B, ...] -> per generated image, both halves: [B', ...] on the device."""
-        return same_for_both(_repeat(x, n), guided).to(device=self._execution_device, dtype=self.unet.dtype)
-
-    def _scale_on_device(self, scale):
-        return scale.to(device=self._execution_device, dtype=self.unet.dtype) if isinstance(scale, Tensor) else scale
+        x = same_for_both(repeat_per_image(x, geometry.n_per_prompt), geometry.guided)
+        return x.to(device=self._execution_device, dtype=self.unet.dtype)
 
     # ------------------------------------------------------------------------- latents
 
-    def prepare_latents(self, n_prompts: int, num_images_per_prompt: int, height: int, width: int, generator=None,
-                        latents: Optional[Tensor] = None, image=None, mask_image=None,
-                        timesteps: Optional[Tensor] = None, strength: float = 1.0) -> LatentState:
+    def prepare_latents(self, geometry: BatchGeometry, generator=None, latents: Optional[Tensor] = None, image=None,
+                        mask_image=None, timesteps: Optional[Tensor] = None, strength: float = 1.0) -> LatentState:
         """Starting latents: noise; or, with `image`, the encoded image noised to the first timestep;
         with `mask_image` also the latent-size mask for inpainting (white = repaint).
 
         :param image, mask_image: one, or one per prompt.
         :return: `LatentState`, latents of shape [B * n, 4, height / f, width / f].
         """
-        f = self.vae_scale_factor
-        shape = (n_prompts * num_images_per_prompt, self.unet.config.in_channels, height // f, width // f)
+        f, n = self.vae_scale_factor, geometry.n_per_prompt
+        shape = (geometry.batch, self.unet.config.in_channels, geometry.height // f, geometry.width // f)
         device, dtype = self._execution_device, self.unet.dtype
         noise = random_latents(shape, generator, device, dtype) if latents is None else latents.to(device, dtype)
         if tuple(noise.shape) != shape:
             raise InputError(f"latents must have shape {list(shape)}, got {list(noise.shape)}")
-        source = None if image is None else _repeat(self.encode_image(image, n_prompts, height, width), num_images_per_prompt)
-        mask = None
-        if mask_image is not None:
-            mask = _repeat(as_mask_batch(mask_image, n_prompts, *shape[-2:]), num_images_per_prompt).to(device, dtype)
+        b, h, w = geometry.n_prompts, geometry.height, geometry.width
+        source = None if image is None else repeat_per_image(self.encode_image(image, b, h, w), n)
+        mask = None if mask_image is None else as_mask_batch(mask_image, b, *shape[-2:]).to(device, dtype)
         t_start = None if timesteps is None else timesteps[0]
-        return LatentState(start_latents(self.scheduler, noise, source, t_start, strength), source, noise, mask)
+        start = start_latents(self.scheduler, noise, source, t_start, strength)
+        return LatentState(start, source, noise, repeat_per_image(mask, n))
 
     def encode_image(self, image, n_prompts: int, height: int, width: int) -> Tensor:
         """VAE latents (mean of the posterior, times the scaling factor) of the source image(s).
@@ -351,10 +400,10 @@ class InstantIDPipeline(DiffusionPipeline):
     def denoise(self, state: LatentState, timesteps: Tensor, cond: Conditioning, guidance_scale: float,
                 generator=None, callback_on_step_end: Optional[Callable] = None) -> Tensor:
         """The sampling loop: predict noise, scheduler step, keep the known region (inpainting)."""
-        latents, step_kwargs = state.latents, self._step_kwargs(generator)
+        latents, extra = state.latents, step_kwargs(self.scheduler, generator)
         for i, t in enumerate(self.progress_bar(timesteps)):
             noise_pred = self.predict_noise(latents, t, cond, guidance_scale, i, len(timesteps))
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
             next_t = timesteps[i + 1] if i + 1 < len(timesteps) else None
             latents = keep_known_region(self.scheduler, latents, state, next_t)
             if callback_on_step_end is not None:
@@ -379,30 +428,9 @@ class InstantIDPipeline(DiffusionPipeline):
         return guide(noise_pred, guidance_scale) if cond.guided else noise_pred
 
     def control_residuals(self, model_input: Tensor, t, cond: Conditioning, step: int = 0, num_steps: int = 1):
-        """The summed residuals of the ControlNets active at this step (None if none is).
-
-        In guess mode with guidance they run on the conditional half only and the unconditional
-        half gets zeros, so the residual batch always equals the UNet's.
-        """
-        total = None
-        for control in cond.controls:
-            if control.active(step, num_steps):
-                total = add_residuals(total, self._run_control(control, model_input, t, cond))
-        return total
-
-    def _run_control(self, control: Control, model_input: Tensor, t, cond: Conditioning):
-        half = cond.guess_mode and cond.guided
-        pick = cond_half if half else (lambda x: x)
-        dtype = control.net.dtype
-        residuals = controlnet_residuals(
-            control.net, pick(model_input).to(dtype), t, pick(control.context).to(dtype), pick(control.image),
-            pick(control.scale), pick(cond.added_cond_kwargs), pick(control.mask), guess_mode=cond.guess_mode,
-        )
-        return zero_pad_uncond(residuals) if half else residuals
-
-    def _step_kwargs(self, generator) -> dict:
-        accepted = inspect.signature(self.scheduler.step).parameters
-        return {"generator": generator} if "generator" in accepted and not isinstance(generator, list) else {}
+        """The summed residuals of the ControlNets active at this step (None if none is); see
+        `guidance.control_residuals`."""
+        return control_residuals(model_input, t, cond, step, num_steps)
 
     # ------------------------------------------------------------------------- output
 
@@ -419,29 +447,3 @@ class InstantIDPipeline(DiffusionPipeline):
             self.vae.to(torch.float16)
         return self.image_processor.postprocess(image.float(), output_type=output_type)
 
-
-def negative_embedding(embeds: Tensor, kind: str = "zeros", strength: float = 0.35, seed: int = 0) -> Tensor:
-    """The negative identity embedding for guidance: zeros (the reference), or seeded Gaussian noise
-    times `strength` (a community variant said to reduce over-saturation, "burn").
-
-    :param embeds: the positive embeddings, shape [B, D] (only shape, device and dtype are used).
-    :return: shape [B, D].
-    """
-    if kind == "zeros":
-        return torch.zeros_like(embeds)
-    noise = torch.randn(embeds.shape, generator=torch.Generator().manual_seed(seed))
-    return (noise * strength).to(device=embeds.device, dtype=embeds.dtype)
-
-
-def _repeat(x: Optional[Tensor], n: int) -> Optional[Tensor]:
-    """Per prompt -> per generated image, prompt-major: [B, ...] -> [B * n, ...]."""
-    return x if x is None or n == 1 else x.repeat_interleave(n, dim=0)
-
-
-def _per_control(value, count: int) -> list:
-    """A number for every ControlNet, or a list with one per ControlNet."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != count:
-            raise InputError(f"got {len(value)} values for {count} ControlNets; give one number or one per ControlNet")
-        return list(value)
-    return [value] * count

@@ -10,6 +10,7 @@ the region outside the mask by the source noised to the next timestep:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -86,3 +87,9 @@ def random_latents(shape: tuple, generator, device, dtype) -> Tensor:
     if isinstance(generator, list) and len(generator) != shape[0]:
         raise InputError(f"got {len(generator)} generators for {shape[0]} images; give one, or one per image")
     return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
+
+
+def step_kwargs(scheduler, generator) -> dict:
+    """`scheduler.step`'s extra keyword arguments: the generator, if it takes one (one generator only)."""
+    accepted = inspect.signature(scheduler.step).parameters
+    return {"generator": generator} if "generator" in accepted and not isinstance(generator, list) else {}

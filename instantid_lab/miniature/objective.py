@@ -1,0 +1,121 @@
+"""The miniature's training objective: one denoising loss for the base and for InstantID.
+
+v-prediction with min-SNR weighting (Hang et al. 2023). With alpha_bar_t from the training schedule,
+x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps and SNR_t = alpha_bar / (1 - alpha_bar):
+
+    v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0,
+    L = E_t[ min(SNR_t, gamma) / (SNR_t + 1) * |v_theta(x_t, t, c) - v|^2 ],   gamma = 5.
+
+`v_theta` is the pipeline's own denoising stage (`InstantIDPipeline.predict_noise` on a
+`tensor_conditioning`), so training, the fixed-batch curve and sampling run the same code: the base
+is the pipeline without adapter and IdentityNet, InstantID the pipeline with them.
+
+Classifier-free guidance needs the model to know "no caption" and "no identity": a training batch
+replaces a caption by the empty prompt (`drop_captions`) and an identity embedding by the zero
+vector, the pipeline's negative identity (`drop_identities`), each with a small probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TrainingBatch:
+    """What one denoising step trains on (rows are samples).
+
+    :param latents: scaled autoencoder latents, [B, 4, h, w].
+    :param ids: caption token ids, [B, L].
+    :param embeds: identity embeddings of the conditioning recogniser, [B, E] (InstantID only).
+    :param kps_images: keypoint images, uint8 [B, 3, H, W] (InstantID only).
+    """
+
+    latents: Tensor
+    ids: Tensor
+    embeds: Optional[Tensor] = None
+    kps_images: Optional[Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def rows(self, index) -> "TrainingBatch":
+        """The rows `index` (a slice or an index tensor) of every field."""
+        return TrainingBatch(**{f.name: _rows(getattr(self, f.name), index) for f in fields(self)})
+
+    def to(self, device) -> "TrainingBatch":
+        return TrainingBatch(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
+
+    def as_dict(self) -> dict:
+        """The tensors by field name, None fields left out (for `torch.save`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+def _rows(x: Optional[Tensor], index) -> Optional[Tensor]:
+    return None if x is None else x[index]
+
+
+def _to(x: Optional[Tensor], device) -> Optional[Tensor]:
+    return None if x is None else x.to(device)
+
+
+def drop_captions(ids: Tensor, empty_ids: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """Replace each row of `ids` [B, L] by `empty_ids` [L] with probability p (for classifier-free guidance)."""
+    drop = torch.rand(len(ids), generator=generator) < p  # [B]
+    return torch.where(drop[:, None], empty_ids[None].to(ids.device), ids)
+
+
+def drop_identities(embeds: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """Zero each row of `embeds` [B, E] with probability p (the zero vector is the negative identity)."""
+    keep = torch.rand(len(embeds), generator=generator) >= p  # [B]
+    return embeds * keep[:, None].to(embeds.device)
+
+
+def drop_conditions(batch: TrainingBatch, empty_ids: Tensor, caption_p: float, identity_p: float,
+                    generator: torch.Generator) -> TrainingBatch:
+    """The batch with captions dropped (probability `caption_p`), then identities (`identity_p`, if any)."""
+    batch = replace(batch, ids=drop_captions(batch.ids, empty_ids, caption_p, generator))
+    if batch.embeds is None:
+        return batch
+    return replace(batch, embeds=drop_identities(batch.embeds, identity_p, generator))
+
+
+def min_snr_v_loss(v_pred: Tensor, v_target: Tensor, snr: Tensor, gamma: float = 5.0) -> Tensor:
+    """L = mean_b[ min(SNR_b, gamma) / (SNR_b + 1) * mean |v_pred - v|^2 ]  (min-SNR weighting for v-prediction).
+
+    :param v_pred: shape [B, C, h, w]
+    :param v_target: shape [B, C, h, w]
+    :param snr: shape [B]
+    """
+    per_sample = F.mse_loss(v_pred, v_target, reduction="none").flatten(1).mean(1)  # [B]
+    return (snr.clamp(max=gamma) / (snr + 1) * per_sample).mean()
+
+
+def diffusion_loss(predict: Callable[[Tensor, Tensor], Tensor], scheduler, latents: Tensor,
+                   generator: torch.Generator, gamma: float = 5.0) -> Tensor:
+    """Noise `latents` [B, 4, h, w] at random timesteps and score `predict(x_t, t)` with `min_snr_v_loss`.
+
+    Noise and timesteps are drawn on the CPU with `generator` (the same numbers on every device).
+    """
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    alpha_bar = scheduler.alphas_cumprod[t].to(latents.device)  # [B]
+    t = t.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    target = scheduler.get_velocity(latents, noise, t)
+    return min_snr_v_loss(predict(noisy, t), target, alpha_bar / (1 - alpha_bar), gamma)
+
+
+def denoising_loss(pipe, batch: TrainingBatch, scheduler, generator: torch.Generator, gamma: float = 5.0) -> Tensor:
+    """The objective of `pipe` (an `InstantIDPipeline`, with or without adapter and IdentityNet) on `batch`.
+
+    :param scheduler: the training (forward-process) scheduler, e.g. `base.training_scheduler()`.
+    """
+    text = pipe.text_encoder(batch.ids).last_hidden_state  # [B, L, C]
+    kps = None if batch.kps_images is None else batch.kps_images.float() / 255  # [B, 3, H, W] in [0, 1]
+    cond = pipe.tensor_conditioning(text, batch.embeds, kps)
+    return diffusion_loss(lambda x, t: pipe.predict_noise(x, t, cond), scheduler, batch.latents, generator, gamma)

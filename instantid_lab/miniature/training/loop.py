@@ -1,0 +1,203 @@
+"""The one training loop every miniature stage runs: recognisers, inspector, autoencoder, base, InstantID.
+
+`train_loop` minimises `loss_fn(generator, device)` over a model's trainable parameters with AdamW,
+through `accelerate.Accelerator` (device placement, mixed precision, gradient synchronisation when
+launched on several processes), optionally keeping an exponential moving average of the weights
+(diffusers' `EMAModel`). Two learning-rate schedules:
+
+- "cosine" (the generative stages): lr * (step + 1) / warmup during warmup, then a cosine from lr
+  down to lr * final_lr_fraction (`learning_rate`);
+- "one_cycle" (the recognisers and the inspector): torch's `OneCycleLR` (10% warm-up).
+
+With `out`, it writes a checkpoint (weights, optimizer, schedule, EMA, step, losses, scores and the
+batch generator's state) every `checkpoint_every` steps, atomically, so re-running the same command
+after an interruption continues with exactly the batches an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+#: loss_fn(generator, device) -> scalar loss: draws its batch with `generator`, puts it on `device`.
+LossFn = Callable[[torch.Generator, torch.device], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How `train_loop` optimises.
+
+    :param schedule: "cosine" (warmup, then cosine to `final_lr_fraction`) or "one_cycle" (OneCycleLR).
+    :param clip_grad_norm: clip the gradients' global norm to this (None: no clipping).
+    :param ema_decay: keep an EMA of the weights with this decay (None: no EMA).
+    :param mixed_precision: the `Accelerator`'s setting: "no", "fp16" or "bf16".
+    """
+
+    steps: int
+    lr: float
+    warmup: int = 0
+    weight_decay: float = 1e-2
+    ema_decay: Optional[float] = None
+    checkpoint_every: int = 200
+    final_lr_fraction: float = 0.1
+    schedule: str = "cosine"
+    clip_grad_norm: Optional[float] = 1.0
+    mixed_precision: str = "no"
+
+
+@dataclass
+class LoopState:
+    """Where a run stands; what `train_loop` returns and what its checkpoint holds.
+
+    :param ema: the weights' moving average (diffusers `EMAModel`), or None.
+    :param evals: what `on_checkpoint` returned, each with its "step".
+    """
+
+    step: int = 0
+    losses: list = field(default_factory=list)
+    seconds: float = 0.0
+    evals: list = field(default_factory=list)
+    ema: Optional[object] = None
+    finished: bool = False
+
+
+def learning_rate(step: int, s: LoopSettings) -> float:
+    """lr(step) = lr * step / warmup during warmup, then a cosine from lr down to lr * final_lr_fraction."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (s.final_lr_fraction + (1 - s.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def checkpoint_path(out: Path, name: str) -> Path:
+    return Path(out) / f"{name}_checkpoint.pt"
+
+
+def train_loop(name: str, model: nn.Module, loss_fn: LossFn, s: LoopSettings, out: Optional[Path] = None,
+               seed: int = 0, stop_after: Optional[int] = None, progress: bool = True,
+               on_checkpoint: Optional[Callable[[int], dict]] = None) -> LoopState:
+    """Minimise `loss_fn` over `model`'s trainable parameters; resume from `out` if a checkpoint exists.
+
+    :param loss_fn: `loss_fn(generator, device)`: draws its batch with the generator (whose state is
+        checkpointed, so a resumed run sees the batches an uninterrupted one would) and returns a scalar.
+    :param out: folder for the checkpoint (None: no checkpoint, no resume).
+    :param stop_after: stop (after checkpointing) once this many steps are done, as an interruption would.
+    :param on_checkpoint: called with the step number at step 0 and at every checkpoint (model in eval
+        mode); what it returns is kept, with the step, in `evals` (and in the checkpoint).
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=s.mixed_precision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay))
+    run = _Run(name, model, optimizer, s, accelerator, out, seed, on_checkpoint)
+    end = s.steps if stop_after is None else min(s.steps, stop_after)
+    run.evaluate_at_start()
+    model.train()
+    for step in tqdm(range(run.state.step, end), desc=name, initial=run.state.step, total=s.steps, disable=not progress):
+        run.step(loss_fn, step)
+        if run.state.step % s.checkpoint_every == 0 or run.state.step == end:
+            run.checkpoint()
+    model.eval()
+    run.state.finished = run.state.step >= s.steps
+    return run.state
+
+
+class _Run:
+    """One call of `train_loop`: the optimiser, schedule, EMA and generator, and their checkpoint."""
+
+    def __init__(self, name, model, optimizer, s: LoopSettings, accelerator, out, seed, on_checkpoint):
+        self.model, self.optimizer, self.s, self.accelerator = model, optimizer, s, accelerator
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.path = None if out is None else checkpoint_path(out, name)
+        self.on_checkpoint, self.generator = on_checkpoint, torch.Generator().manual_seed(seed)
+        self.schedule = _one_cycle(optimizer, s) if s.schedule == "one_cycle" else None
+        self.state = LoopState(ema=_ema(self.params, s))
+        if self.path is not None and self.path.exists():
+            self._resume()
+        self.started = time.perf_counter()
+
+    def step(self, loss_fn: LossFn, step: int) -> None:
+        """One optimiser step (lr set by the schedule), the EMA update, the loss recorded."""
+        if self.schedule is None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate(step, self.s)
+        loss = loss_fn(self.generator, self.accelerator.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if self.s.clip_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(self.params, self.s.clip_grad_norm)
+        self.optimizer.step()
+        if self.schedule is not None:
+            self.schedule.step()
+        if self.state.ema is not None:
+            self.state.ema.step(self.params)
+        self.state.losses.append(loss.item())
+        self.state.step = step + 1
+
+    def evaluate_at_start(self) -> None:
+        if self.on_checkpoint is not None and self.state.step == 0:
+            self.state.evals.append({"step": 0, **self._evaluate(0)})
+
+    def checkpoint(self) -> None:
+        """Add the elapsed time, score (`on_checkpoint`) and save; the scoring time is not counted."""
+        self.state.seconds += time.perf_counter() - self.started
+        if self.on_checkpoint is not None:
+            self.state.evals.append({"step": self.state.step, **self._evaluate(self.state.step)})
+        self.started = time.perf_counter()
+        if self.path is not None:
+            self._save()
+
+    def _evaluate(self, step: int) -> dict:
+        self.model.eval()
+        try:
+            return self.on_checkpoint(step)
+        finally:
+            self.model.train()
+
+    def _save(self) -> None:
+        """Write atomically (temporary file, then rename), so an interruption never leaves half a checkpoint."""
+        st = self.state
+        payload = {"model": self.accelerator.unwrap_model(self.model).state_dict(),
+                   "optimizer": self.optimizer.state_dict(), "step": st.step, "losses": st.losses,
+                   "seconds": st.seconds, "evals": json.dumps(st.evals), "generator": self.generator.get_state(),
+                   "schedule": None if self.schedule is None else self.schedule.state_dict(),
+                   "ema": None if st.ema is None else st.ema.state_dict()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, self.path)
+
+    def _resume(self) -> None:
+        payload = torch.load(self.path, weights_only=True)
+        self.accelerator.unwrap_model(self.model).load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.generator.set_state(payload["generator"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(payload["schedule"])
+        if self.state.ema is not None:
+            self.state.ema.load_state_dict(payload["ema"])
+        self.state.step, self.state.losses = payload["step"], list(payload["losses"])
+        self.state.seconds, self.state.evals = payload["seconds"], json.loads(payload["evals"])
+
+
+def _one_cycle(optimizer, s: LoopSettings):
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=s.lr, total_steps=s.steps, pct_start=0.1)
+
+
+def _ema(params: list, s: LoopSettings):
+    """diffusers' `EMAModel`: decay min(ema_decay, (1 + k) / (10 + k)) at update k (a fast start)."""
+    if s.ema_decay is None:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=s.ema_decay)
