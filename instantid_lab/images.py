@@ -149,8 +149,16 @@ def image_sheet(images, columns: int = 8, scale: int = 1) -> Image.Image:
     columns = min(columns, len(pils))
     rows = -(-len(pils) // columns)  # ceiling division
     pils += [Image.new("RGB", pils[0].size)] * (rows * columns - len(pils))
-    sheet = make_image_grid(pils, rows, columns)
-    return sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST)
+    return enlarge(make_image_grid(pils, rows, columns), scale)
+
+
+def enlarge(image: ImageLike, factor: int = 8) -> Image.Image:
+    """`image` enlarged `factor` times with nearest-neighbour sampling, so every pixel stays a square.
+
+    :param image: a path, PIL image, or HWC array (uint8, or float in [0, 1] as `output_type="np"` gives).
+    """
+    pil = load_image(image)
+    return pil.resize((pil.width * factor, pil.height * factor), Image.NEAREST)
 
 
 def _as_pil_list(images) -> list[Image.Image]:

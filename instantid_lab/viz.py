@@ -16,6 +16,7 @@ import io
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Mapping, Optional, Sequence, Union
 
 import matplotlib.pyplot as plt
@@ -25,6 +26,7 @@ from PIL import Image, ImageDraw
 
 from .embeddings import PairScores, higher_is_more_similar
 from .errors import InputError
+from . import images
 from .images import ImageLike, load_image
 from .keypoints import KPS_COLORS, as_kps
 
@@ -86,7 +88,7 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def draw_faces(image: ImageLike, faces, labels: Optional[Sequence[str]] = None, kps: bool = True,
-               highlight: Optional[int] = None) -> Image.Image:
+               highlight: Optional[int] = None, enlarge: int = 1) -> Image.Image:
     """A copy of `image` with each face's box and 5 keypoints drawn on it.
 
     :param image: the photo the faces were detected in.
@@ -95,9 +97,12 @@ def draw_faces(image: ImageLike, faces, labels: Optional[Sequence[str]] = None, 
     :param labels: optional text per face, written above its box.
     :param kps: draw the keypoints in the keypoint image's colours.
     :param highlight: index of a face to draw with a thicker orange box (e.g. the selected one).
+    :param enlarge: draw on the image enlarged this many times (nearest neighbour, e.g. 8 for the
+        miniature's 32-px faces), boxes and keypoints scaled to match.
     """
-    canvas = load_image(image).copy()
+    canvas = images.enlarge(image, enlarge)
     faces = [faces] if hasattr(faces, "bbox") else list(faces)
+    faces = [SimpleNamespace(bbox=np.asarray(f.bbox) * enlarge, kps=np.asarray(f.kps) * enlarge) for f in faces]
     draw = ImageDraw.Draw(canvas)
     line = max(2, round(max(canvas.size) / 300))
     for index, face in enumerate(faces):

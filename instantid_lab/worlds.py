@@ -30,7 +30,6 @@ from .errors import InputError
 from .face_analysis import FaceAnalyzer, get_face_analyzer
 from .keypoints import draw_kps, fit_size, resize_kps
 from .loading import load_sdxl_instantid
-from .miniature.demo import draw_face
 from .miniature.instantid import keypoint_image as miniature_keypoint_image
 from .miniature.instantid import load_miniature
 from .miniature.world import Caption
@@ -100,7 +99,7 @@ class World:
 
     def show_face(self, image, face) -> Image.Image:
         """`image` with the face's box and keypoints drawn (the miniature's 32-px images enlarged 8x)."""
-        return draw_face(image, face) if self.mode == "miniature" else draw_faces(image, face)
+        return draw_faces(image, face, enlarge=8 if self.mode == "miniature" else 1)
 
 
 def open_world(mode: str = "miniature", ci: bool = False, device: Optional[str] = None, **kwargs) -> World:

@@ -5,7 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
+from instantid_lab.images import enlarge
 from instantid_lab.keypoints import KPS_COLORS, draw_kps
+from instantid_lab.viz import draw_faces
 from instantid_lab.miniature import demo
 from instantid_lab.miniature.inspector import FaceInspector, InspectorConfig, inspect
 from instantid_lab.miniature.evaluate import keypoint_errors
@@ -22,16 +24,16 @@ def pipe():
 
 def test_upscale_keeps_every_pixel_a_square():
     pixels = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3) * 5
-    big = np.asarray(demo.upscale(Image.fromarray(pixels), factor=8))
+    big = np.asarray(enlarge(Image.fromarray(pixels), factor=8))
     assert big.shape == (32, 32, 3)
     assert (big == pixels.repeat(8, axis=0).repeat(8, axis=1)).all()
-    as_float = np.asarray(demo.upscale(pixels / 255.0, factor=2))  # output_type="np" images
+    as_float = np.asarray(enlarge(pixels / 255.0, factor=2))  # output_type="np" images
     assert (as_float == pixels.repeat(2, axis=0).repeat(2, axis=1)).all()
 
 
 def test_draw_face_scales_the_keypoints_with_the_image(make_face):
     face = make_face(8, 8, 16, np.ones(4))
-    drawn = np.asarray(demo.draw_face(Image.new("RGB", (32, 32)), face, factor=8))
+    drawn = np.asarray(draw_faces(Image.new("RGB", (32, 32)), face, enlarge=8))
     assert drawn.shape == (256, 256, 3)
     for (x, y), colour in zip(face.kps * 8, KPS_COLORS):
         assert tuple(drawn[int(y), int(x)]) == colour

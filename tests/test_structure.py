@@ -17,8 +17,10 @@ PACKAGE = Path(os.environ.get("STRUCTURE_PACKAGE", Path(__file__).resolve().pare
 #: The core: the method itself. It never imports the miniature, the tiny stack or the UI.
 CORE = ("errors", "types", "building", "data", "images", "keypoints", "embeddings", "adapter", "attention",
         "identitynet", "checkpoint", "face_analysis", "pipeline", "loading")
-#: Above the core: the miniature, the tiny test stack, and the top (worlds, viz, widgets, notebooks).
-UPPER = ("miniature", "tiny", "worlds", "viz", "widgets", "notebooks")
+#: Above the core: the miniature, the experiments, the tiny test stack, and the top (worlds, viz, widgets, notebooks).
+UPPER = ("miniature", "experiments", "tiny", "worlds", "viz", "widgets", "notebooks")
+#: The top: what notebooks and people call; nothing in the core, the miniature or the experiments imports it.
+TOP = ("worlds", "viz", "widgets", "notebooks")
 #: The miniature's own layers, bottom-up; a module imports only from its layer or below.
 MINIATURE_LAYERS = [
     ("world",),
@@ -119,7 +121,13 @@ def test_miniature_modules_import_only_their_layer_or_below(name):
     mine = miniature_layer(name)
     above = sorted(t for t in GRAPH[name] if t.startswith("miniature.") and miniature_layer(t) > mine)
     assert above == [], f"{name} (layer {mine}) imports {above}"
-    assert not any(top(t) in ("worlds", "widgets", "notebooks", "tiny") for t in GRAPH[name])
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if top(n) in ("miniature", "experiments")))
+def test_the_miniature_and_the_experiments_never_import_the_top_or_tiny(name):
+    assert not any(top(t) in (*TOP, "tiny") for t in GRAPH[name]), sorted(GRAPH[name])
+    if top(name) == "miniature":
+        assert not any(top(t) == "experiments" for t in GRAPH[name]), "the miniature sits below the experiments"
 
 
 def test_every_module_is_in_a_layer():

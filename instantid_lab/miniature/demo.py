@@ -11,38 +11,16 @@ noise per image, so two rows differ only in the scales, which is what the notebo
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..building import seeded
 from ..identitynet import identitynet_from_unet
-from ..images import ImageLike, load_image
-from ..viz import draw_faces
 
 #: (adapter scale, IdentityNet scale) of one row of a sweep.
 Setting = tuple[float, float]
-
-
-def upscale(image: ImageLike, factor: int = 8) -> Image.Image:
-    """`image` enlarged `factor` times with nearest-neighbour sampling, so every pixel stays a square.
-
-    :param image: a path, PIL image, or HWC array (uint8, or float in [0, 1] as `output_type="np"` gives).
-    """
-    pil = load_image(image)
-    return pil.resize((pil.width * factor, pil.height * factor), Image.NEAREST)
-
-
-def draw_face(image: ImageLike, face, factor: int = 8) -> Image.Image:
-    """`viz.draw_faces` on the image enlarged `factor` times (box and keypoints scaled to match).
-
-    :param face: has `.bbox` [4] and `.kps` [5, 2] in pixels of `image` (e.g. a `Face`).
-    """
-    scaled = SimpleNamespace(bbox=np.asarray(face.bbox) * factor, kps=np.asarray(face.kps) * factor)
-    return draw_faces(upscale(image, factor), [scaled])
 
 
 @torch.no_grad()
