@@ -26,8 +26,7 @@ from PIL import Image, ImageDraw
 
 from .embeddings import PairScores, higher_is_more_similar
 from .errors import InputError
-from . import images
-from .images import ImageLike, load_image
+from .images import ImageLike, enlarge as enlarge_image, load_image
 from .keypoints import KPS_COLORS, as_kps
 
 #: Environment variable naming the folder `save_figure` writes PNG files into.
@@ -100,7 +99,7 @@ def draw_faces(image: ImageLike, faces, labels: Optional[Sequence[str]] = None, 
     :param enlarge: draw on the image enlarged this many times (nearest neighbour, e.g. 8 for the
         miniature's 32-px faces), boxes and keypoints scaled to match.
     """
-    canvas = images.enlarge(image, enlarge)
+    canvas = enlarge_image(image, enlarge)
     faces = [faces] if hasattr(faces, "bbox") else list(faces)
     faces = [SimpleNamespace(bbox=np.asarray(f.bbox) * enlarge, kps=np.asarray(f.kps) * enlarge) for f in faces]
     draw = ImageDraw.Draw(canvas)
