@@ -7,6 +7,9 @@ OUT    ?= outputs
 # CPU wheel of torch (a plain `torch` could pull a multi-GB CUDA build). GPU: see `install-gpu`.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# setuptools reports every editable install ("Editable installation ... be careful with folders named
+# like your package"): informational only, so it is silenced here.
+EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
 
 .PHONY: install install-gpu run test notebooks benchmark lab clean
 
@@ -14,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
-	$(PY) -m pip install --quiet -e ".[dev,cpu]"
+	$(EDITABLE) $(PY) -m pip install --quiet -e ".[dev,cpu]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
@@ -25,7 +28,7 @@ install-gpu:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch $(TORCH_INDEX)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(EDITABLE) $(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip uninstall --quiet -y onnxruntime
 	$(PY) -m pip install --quiet "onnxruntime-gpu>=1.16"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
@@ -46,4 +49,4 @@ lab: install
 	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 clean:
-	rm -rf $(VENV) $(OUT)
+	rm -rf $(VENV) $(OUT) notebooks/outputs  # notebooks/outputs: where notebook 06 wrote its retrain before

@@ -16,7 +16,8 @@ The UNet receives the identity tokens next to the text, never packed into it::
                                  "region_mask": mask})             # [B, 1, H, W] in [0, 1], optional
 
 A layer's identity scale = its processor's `layer_scale` (per layer/block, `set_layer_scale`)
-times the per-call `adapter_scale` (one number, or one per sample).
+times the per-call `adapter_scale` (one number, or one per sample). Several identities, each in its own
+region (`regional_identity_attention`): `{"regional_identities": [RegionalIdentity(tokens_A, mask_A), ...]}`.
 """
 
 from __future__ import annotations
@@ -35,9 +36,19 @@ from .errors import InputError
 from .types import Scale, per_sample_scale
 
 
-# ----------------------------------------------------------------------------------------------
-# The equation
-# ----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------ The equation
+
+@dataclass(frozen=True)
+class RegionalIdentity:
+    """One of several identities in an image: its tokens act only where its region is.
+
+    :param tokens: identity tokens, shape [B, N, C] or [1, N, C]
+    :param region: weights in [0, 1], shape [B, 1, H, W] or [1, 1, H, W] (image or latent space); None = everywhere
+    """
+
+    tokens: Tensor
+    region: Optional[Tensor] = None
+
 
 def decoupled_cross_attention(
     q: Tensor, k: Tensor, v: Tensor, k_id: Tensor, v_id: Tensor,
@@ -46,26 +57,41 @@ def decoupled_cross_attention(
     """softmax(Q K^T / sqrt(d)) V  +  scale * region * softmax(Q K_id^T / sqrt(d)) V_id.
 
     :param q: queries, shape [B, h, Lq, d]
-    :param k: text keys, shape [B, h, Lt, d]
-    :param v: text values, shape [B, h, Lt, d]
-    :param k_id: identity keys, shape [B, h, Li, d]
-    :param v_id: identity values, shape [B, h, Li, d]
+    :param k, v: text keys and values, each shape [B, h, Lt, d]
+    :param k_id, v_id: identity keys and values, each shape [B, h, Li, d]
     :param scale: identity scale, a float or a Tensor of shape [B] (one per sample) or []
     :param region: optional weights in [0, 1] per query position, shape [B, Lq]
     :param attention_mask: optional mask for the text branch only (as for
         `F.scaled_dot_product_attention`), broadcastable to [B, h, Lq, Lt]
     :return: shape [B, h, Lq, d]
     """
-    text = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+    return regional_identity_attention(q, k, v, [k_id], [v_id], scale, [region], attention_mask)
+
+
+def regional_identity_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_ids: Sequence[Tensor], v_ids: Sequence[Tensor],
+    scale: Scale, regions: Sequence[Optional[Tensor]], attention_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """softmax(Q K^T / sqrt(d)) V  +  sum_r scale * m_r * softmax(Q K_r^T / sqrt(d)) V_r.
+
+    R identities, each weighted by its region m_r: where m_r = 0 its tokens add exactly nothing.
+    One identity whose region is everywhere (None) is `decoupled_cross_attention`.
+
+    :param k_ids, v_ids: R identity keys / values, each shape [B, h, Li, d]
+    :param regions: R weights in [0, 1] per query position, each shape [B, Lq] or None (everywhere)
+    :param q, k, v, scale, attention_mask: as `decoupled_cross_attention`
+    :return: shape [B, h, Lq, d]
+    """
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
     if not isinstance(scale, Tensor) and scale == 0:
-        return text
-    identity = F.scaled_dot_product_attention(q, k_id, v_id)
+        return out
     weight = per_sample_scale(scale, q.shape[0], name="scale")         # float or [B]
     if isinstance(weight, Tensor):
         weight = weight.to(q.device, q.dtype).reshape(-1, 1, 1, 1)     # [B] -> [B, 1, 1, 1]
-    if region is not None:
-        weight = weight * region.to(q.dtype)[:, None, :, None]         # [B, Lq] -> [B, 1, Lq, 1]
-    return text + weight * identity
+    for k_r, v_r, region in zip(k_ids, v_ids, regions, strict=True):
+        w = weight if region is None else weight * region.to(q.dtype)[:, None, :, None]  # [B, Lq] -> [B, 1, Lq, 1]
+        out = out + w * F.scaled_dot_product_attention(q, k_r, v_r)
+    return out
 
 
 def attention_probs(q: Tensor, k: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -77,25 +103,21 @@ def attention_probs(q: Tensor, k: Tensor, attention_mask: Optional[Tensor] = Non
     :return: shape [B, h, Lq, Lk]; each row sums to 1
     """
     logits = q.float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5   # [B, h, Lq, Lk]
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            logits = logits.masked_fill(~attention_mask, float("-inf"))
-        else:
-            logits = logits + attention_mask.float()
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        logits = logits.masked_fill(~attention_mask, float("-inf"))
+    elif attention_mask is not None:
+        logits = logits + attention_mask.float()
     return logits.softmax(dim=-1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Region masks: image space -> a layer's token grid
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------- Region masks: image space -> a layer's token grid
 
 @lru_cache(maxsize=256)
 def token_grid(num_tokens: int, height: int, width: int) -> tuple[int, int]:
     """The (rows, cols) grid with rows * cols = `num_tokens` whose aspect is closest to height/width.
 
     :param num_tokens: number of query tokens of a layer (its flattened feature map).
-    :param height: height of the image (or latent, or mask) the grid is a downsampling of.
-    :param width: its width.
+    :param height, width: size of the image (or latent, or mask) the grid is a downsampling of.
     """
     aspect = math.log(height / width)
     rows = min((r for r in range(1, num_tokens + 1) if num_tokens % r == 0),
@@ -107,22 +129,18 @@ def resize_region(region_mask: Tensor, num_tokens: int, batch: int) -> Tensor:
     """Average-pool a region mask onto a layer's token grid.
 
     :param region_mask: weights in [0, 1], shape [B, 1, H, W] or [1, 1, H, W], in image or latent space
-    :param num_tokens: the layer's number of query tokens Lq
-    :param batch: the layer's batch size B
+    :param num_tokens, batch: the layer's number of query tokens Lq and its batch size B
     :return: shape [B, Lq]
     """
     if region_mask.ndim != 4 or region_mask.shape[1] != 1 or region_mask.shape[0] not in (1, batch):
-        raise InputError(
-            f"region_mask must have shape [B, 1, H, W] with B=1 or {batch}, got {tuple(region_mask.shape)}"
-        )
+        raise InputError(f"region_mask must have shape [B, 1, H, W] with B=1 or {batch}, "
+                         f"got {tuple(region_mask.shape)}")
     rows, cols = token_grid(num_tokens, *region_mask.shape[-2:])
     pooled = F.interpolate(region_mask.float(), size=(rows, cols), mode="area")   # [B, 1, rows, cols]
     return pooled.reshape(pooled.shape[0], rows * cols).expand(batch, -1)      # [B, Lq]
 
 
-# ----------------------------------------------------------------------------------------------
-# Wiring into diffusers' Attention (the same steps as its AttnProcessor2_0)
-# ----------------------------------------------------------------------------------------------
+# ----------------------- Wiring into diffusers' Attention (the same steps as its AttnProcessor2_0)
 
 def _enter(attn, hidden_states: Tensor, temb: Optional[Tensor]) -> tuple[Tensor, Optional[tuple]]:
     """spatial_norm, [B, C, H, W] -> [B, HW, C], group_norm. Returns the tokens and the 4-D shape (or None)."""
@@ -146,9 +164,8 @@ def _project(attn, x: Tensor, context: Optional[Tensor], attention_mask: Optiona
     elif attn.norm_cross:
         context = attn.norm_encoder_hidden_states(context)
     if attention_mask is not None:
-        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], b)
-        # [B*h, Lq, Lt] -> [B, h, Lq, Lt]
-        attention_mask = attention_mask.view(b, attn.heads, -1, attention_mask.shape[-1])
+        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], b)  # [B*h, Lq, Lt]
+        attention_mask = attention_mask.view(b, attn.heads, -1, attention_mask.shape[-1])   # [B, h, Lq, Lt]
     q, k, v = (split_heads(t, attn.heads) for t in (attn.to_q(x), attn.to_k(context), attn.to_v(context)))
     if attn.norm_q is not None:
         q = attn.norm_q(q)
@@ -186,7 +203,8 @@ class PlainAttnProcessor(nn.Module):
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, temb: Optional[Tensor] = None,
                  identity_tokens: Optional[Tensor] = None, adapter_scale: Optional[Scale] = None,
-                 region_mask: Optional[Tensor] = None) -> Tensor:
+                 region_mask: Optional[Tensor] = None,
+                 regional_identities: Sequence[RegionalIdentity] = ()) -> Tensor:
         x, shape = _enter(attn, hidden_states, temb)
         q, k, v, mask = _project(attn, x, encoder_hidden_states, attention_mask)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, h, Lq, d]
@@ -216,26 +234,24 @@ class IdentityAttnProcessor(nn.Module):
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, temb: Optional[Tensor] = None,
                  identity_tokens: Optional[Tensor] = None, adapter_scale: Optional[Scale] = None,
-                 region_mask: Optional[Tensor] = None) -> Tensor:
+                 region_mask: Optional[Tensor] = None,
+                 regional_identities: Sequence[RegionalIdentity] = ()) -> Tensor:
+        """Text attention + each identity's: `identity_tokens` (in `region_mask`, if given), `regional_identities`."""
         x, shape = _enter(attn, hidden_states, temb)
         q, k, v, mask = _project(attn, x, encoder_hidden_states, attention_mask)
-        k_id = v_id = None
-        if identity_tokens is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            b, heads, lq, _ = q.shape
-            k_id, v_id = self.identity_keys_values(identity_tokens, b, heads)
-            region = None if region_mask is None else resize_region(region_mask.to(q.device), lq, b)
-            out = decoupled_cross_attention(q, k, v, k_id, v_id, self.effective_scale(adapter_scale, b), region, mask)
+        b, heads, lq, _ = q.shape
+        single = [] if identity_tokens is None else [RegionalIdentity(identity_tokens, region_mask)]
+        identities = single + list(regional_identities)                             # R identities, each in its region
+        kvs = [self.identity_keys_values(r.tokens, b, heads) for r in identities]   # R x (K_r, V_r), [B, h, Li, d]
+        regions = [None if r.region is None else resize_region(r.region.to(q.device), lq, b) for r in identities]
+        scale = self.effective_scale(adapter_scale, b) if kvs else 0.0                # no identity: plain attention
+        out = regional_identity_attention(q, k, v, [kv[0] for kv in kvs], [kv[1] for kv in kvs], scale, regions, mask)
         if self.recorder is not None:
-            self.recorder(attention_probs(q, k, mask), None if k_id is None else attention_probs(q, k_id))
+            self.recorder(attention_probs(q, k, mask), attention_probs(q, kvs[0][0]) if len(kvs) == 1 else None)
         return _exit(attn, out, hidden_states, shape, q.dtype)
 
     def identity_keys_values(self, identity_tokens: Tensor, batch: int, heads: int) -> tuple[Tensor, Tensor]:
-        """
-        :param identity_tokens: shape [B, Li, C] or [1, Li, C], C = cross_attention_dim
-        :return: K_id, V_id, each of shape [B, h, Li, d]
-        """
+        """K_id, V_id, each of shape [B, h, Li, d], from `identity_tokens` [B, Li, C] or [1, Li, C]."""
         t = identity_tokens
         if t.ndim != 3 or t.shape[-1] != self.cross_attention_dim or t.shape[0] not in (1, batch):
             raise InputError(
@@ -263,9 +279,7 @@ class IdentityAttnProcessor(nn.Module):
                 f"layer_scale={self.layer_scale}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Installing on a UNet
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- Installing on a UNet
 
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's attention layers in diffusers' `attn_processors` order (= the checkpoint's key order).
@@ -359,9 +373,7 @@ def _has_prefix(name: str, prefix: str) -> bool:
     return name.startswith(prefix) and (len(name) == len(prefix) or prefix == "" or name[len(prefix)] in "._")
 
 
-# ----------------------------------------------------------------------------------------------
-# Looking at attention
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- Looking at attention
 
 @dataclass
 class AttentionMaps:

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from jupyter_client.manager import KernelManager
 from tqdm.auto import tqdm
+from traitlets import CaselessStrEnum
 
 from .viz import FIGURES_ENV
 
@@ -60,6 +62,13 @@ def find_notebooks(directory: Path = NOTEBOOKS_DIR, only: Optional[Sequence[str]
     return paths
 
 
+class LocalKernelManager(KernelManager):
+    """A `KernelManager` that talks to its kernel over local IPC sockets (files), not TCP: nothing
+    goes over the network, so the kernel has no unencrypted-TCP warning to print."""
+
+    transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+
 def run_notebook(path: Path, out_dir: Path, ci: bool = False, kernel: str = "python3",
                  html: bool = True) -> NotebookResult:
     """Execute one notebook with papermill into `out_dir`; raises if a cell fails.
@@ -79,6 +88,7 @@ def run_notebook(path: Path, out_dir: Path, ci: bool = False, kernel: str = "pyt
             papermill.execute_notebook(
                 str(path), str(output), parameters={"CI": ci}, kernel_name=kernel,
                 cwd=str(path.parent), progress_bar=False, log_output=False,
+                kernel_manager_class="instantid_lab.notebooks.LocalKernelManager",
             )
     finally:
         page = export_html(output) if html else None

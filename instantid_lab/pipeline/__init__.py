@@ -16,6 +16,9 @@ The records (dataclasses with named fields, instead of positional tuples):
   (`negative_embedding`).
 - `ExtraControlNet(net, image, scale=0.4, window=ControlWindow())`: one more ControlNet that sees
   the text; a list of them may be passed as `extra_controlnets`.
+- `References(embeddings, combine="mean", weights=None)`: N reference embeddings [N, D] of one person
+  and how to use them ("mean", "norm_mean", "weighted" or "concat", see `instantid_lab.references`);
+  passed as `face_embedding` (alone, or one per prompt in a list).
 - `Control`: one ControlNet's tensors for a whole generation; `Conditioning`: everything the UNet
   and the ControlNets see besides the latents (built once, by `prepare_conditioning` from the call's
   arguments or by `tensor_conditioning` from tensors, for training).
@@ -23,7 +26,7 @@ The records (dataclasses with named fields, instead of positional tuples):
 
 from .guidance import Conditioning, Control, negative_embedding
 from .instantid import InstantIDPipeline, InstantIDPipelineOutput
-from .records import BatchGeometry, ControlWindow, ExtraControlNet, NegativeIdentity
+from .records import BatchGeometry, ControlWindow, ExtraControlNet, NegativeIdentity, References
 
 __all__ = [
     "BatchGeometry",
@@ -34,5 +37,6 @@ __all__ = [
     "InstantIDPipeline",
     "InstantIDPipelineOutput",
     "NegativeIdentity",
+    "References",
     "negative_embedding",
 ]

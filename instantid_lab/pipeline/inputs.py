@@ -1,7 +1,8 @@
 """Turning the pipeline's flexible arguments into tensors of known shapes (or a clear `InputError`).
 
-- identity embeddings: one vector [D], several references of one person [N, D] (averaged), or
-  one entry per prompt ([B, N, D] or a list of B vectors / reference sets) -> [B, D];
+- identity embeddings: one vector [D], several references of one person ([N, D], or a `References`
+  record), or one entry per prompt ([B, N, D] or a list of B vectors / reference sets) -> the
+  Resampler's inputs [B, K, D] (K = 1, or N for "concat"), or combined [B, D];
 - images (keypoint image, source image): a path, PIL image, HWC array, tensor [3, H, W] in [0, 1],
   or one per prompt -> [B, 3, H, W] in [0, 1] at the requested size;
 - masks: the same, one channel -> [B, 1, H, W] in [0, 1];
@@ -20,11 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..embeddings import mean_embedding
 from ..errors import InputError
 from ..images import load_image
+from ..references import References, check_combiner
 from ..types import Scale, per_sample_scale
 from .records import ControlWindow, ExtraControlNet
+
+#: What a list of per-prompt identities holds.
+_ENTRIES = (Tensor, np.ndarray, References)
 
 
 def as_prompts(prompt) -> list[str]:
@@ -50,29 +54,50 @@ def as_negative_prompts(negative_prompt, n_prompts: int) -> list[str]:
 
 
 def as_identity_embeddings(face_embedding, n_prompts: int, dim: int, mode: str = "mean") -> Tensor:
-    """One identity embedding per prompt.
+    """One identity embedding per prompt, references combined (see `as_reference_sets`).
 
-    :param face_embedding: [D] (one identity for every prompt), [N, D] (N reference photos of one
-        person, combined with `embeddings.mean_embedding(mode)`), [B, N, D] or a list of B such
-        entries (one identity per prompt). Tensor, numpy array or nested lists.
+    :return: shape [B, D], float32.
+    :raises InputError: as `as_reference_sets`, or "concat" references (they stay N embeddings).
+    """
+    sets = as_reference_sets(face_embedding, n_prompts, dim, mode)          # [B, K, D]
+    if sets.shape[1] != 1:
+        raise InputError("'concat' keeps every reference (N embeddings per prompt); use as_reference_sets")
+    return sets[:, 0]                                                        # [B, 1, D] -> [B, D]
+
+
+def as_reference_sets(face_embedding, n_prompts: int, dim: int, mode: str = "mean") -> Tensor:
+    """Per prompt, the embeddings that go through the Resampler: one (a single embedding, or references
+    combined), or all N references ("concat", see `references`).
+
+    :param face_embedding: [D] (one identity for every prompt); [N, D] (N reference photos of one person,
+        combined by `mode`); a `References` record (embeddings, combine, weights); or one per prompt:
+        [B, N, D] or a list of B such entries. Tensor, numpy array or nested lists.
     :param n_prompts: B, the number of prompts.
     :param dim: the embedding width the Resampler takes.
-    :param mode: how references are combined: "mean" or "norm_mean".
-    :return: shape [B, D], float32.
+    :param mode: how a plain [N, D] is used: one of `references.COMBINERS` ("weighted": equal weights).
+    :return: shape [B, K, D], float32: K = 1, or K = N for "concat" (the same N for every prompt).
     """
-    identities = [_one_identity(x, mode) for x in _split_identities(face_embedding)]
-    if len(identities) == 1:
-        identities = identities * n_prompts
-    if len(identities) != n_prompts:
-        raise InputError(f"got {len(identities)} identity embeddings for {n_prompts} prompts; give one, or one per prompt")
-    embeds = torch.stack(identities)                               # [B, D]
-    _check_dim(embeds.shape[-1], dim)
-    return embeds
+    check_combiner(mode, "reference_mode")
+    sets = [_resampler_inputs(x, mode) for x in _split_identities(face_embedding)]   # each [K, D]
+    if len(sets) == 1:
+        sets = sets * n_prompts
+    if len(sets) != n_prompts:
+        raise InputError(f"got {len(sets)} identity embeddings for {n_prompts} prompts; give one, or one per prompt")
+    for s in sets:
+        _check_dim(s.shape[-1], dim)
+    counts = sorted({len(s) for s in sets})
+    if len(counts) > 1:
+        raise InputError(f"'concat' gives each prompt N times the Resampler's identity tokens, so every prompt of one "
+                         f"call needs the same number of references N; got N in {counts}. Call once per N, or "
+                         "combine them (mean, norm_mean, weighted).")
+    return torch.stack(sets)                                                 # B x [K, D] -> [B, K, D]
 
 
-def _split_identities(face_embedding) -> list[Tensor]:
-    if isinstance(face_embedding, (list, tuple)) and face_embedding and isinstance(face_embedding[0], (Tensor, np.ndarray)):
-        return [_as_float_tensor(x) for x in face_embedding]
+def _split_identities(face_embedding) -> list:
+    if isinstance(face_embedding, References):
+        return [face_embedding]
+    if isinstance(face_embedding, (list, tuple)) and face_embedding and isinstance(face_embedding[0], _ENTRIES):
+        return list(face_embedding)
     t = _as_float_tensor(face_embedding)
     if t.ndim == 3:
         return list(t)                                             # [B, N, D] -> B x [N, D]
@@ -90,14 +115,14 @@ def _as_float_tensor(x) -> Tensor:
         raise InputError(f"face_embedding must be numbers (tensor, array or lists), got {type(x).__name__}") from e
 
 
-def _one_identity(t: Tensor, mode: str) -> Tensor:
-    if t.ndim == 1:
-        return t
-    if t.ndim == 2 and t.shape[0] == 1:
-        return t[0]
-    if t.ndim == 2:
-        return torch.from_numpy(mean_embedding(t.numpy(), mode=mode))  # [N, D] -> [D]
-    raise InputError(f"each identity must be [D] or [N, D]; got {list(t.shape)}")
+def _resampler_inputs(x, mode: str) -> Tensor:
+    """One prompt's identity -> [K, D] (a plain [D] or [N, D] becomes `References(x, mode)`)."""
+    if isinstance(x, References):
+        return x.resampler_inputs()
+    t = _as_float_tensor(x)
+    if t.ndim not in (1, 2):
+        raise InputError(f"each identity must be [D] or [N, D]; got {list(t.shape)}")
+    return References(t, mode).resampler_inputs()
 
 
 def _check_dim(got: int, dim: int) -> None:

@@ -31,10 +31,11 @@ from diffusers.utils import BaseOutput
 
 from ..adapter import Resampler
 from ..errors import InputError
+from ..references import identity_tokens
 from ..types import Scale, per_sample_scale
 from .guidance import (Conditioning, Control, control_residuals, guide, negative_embedding, repeat_per_image,
                        same_for_both, with_uncond)
-from .inputs import (as_controlnets, as_identity_embeddings, as_image_batch, as_mask_batch, as_negative_prompts,
+from .inputs import (as_controlnets, as_reference_sets, as_image_batch, as_mask_batch, as_negative_prompts,
                      as_prompts, as_sample_scale, identity_problems, output_size, raise_first)
 from .latents import LatentState, keep_known_region, random_latents, schedule, start_latents, step_kwargs
 from .records import BatchGeometry, ControlWindow, ExtraControlNet, NegativeIdentity
@@ -121,8 +122,9 @@ class InstantIDPipeline(DiffusionPipeline):
         ControlNet; the stages then see only those records and `Conditioning`.
 
         :param prompt: a string or a list of B strings.
-        :param face_embedding: [D]; [N, D] (N references, combined by `reference_mode`); or one per
-            prompt ([B, N, D] or a list). D must be the Resampler's `embedding_dim` (512 for antelopev2).
+        :param face_embedding: [D]; [N, D] (N references, combined by `reference_mode`); `References` (N
+            references and their combiner, `instantid_lab.references`); or one per prompt ([B, N, D] or a
+            list). D must be the Resampler's `embedding_dim` (512 for antelopev2).
             None (the default) without an image adapter and IdentityNet: the plain base model.
         :param keypoint_image: the keypoint image (`keypoints.draw_kps`), one or one per prompt;
             required with IdentityNet.
@@ -285,23 +287,22 @@ class InstantIDPipeline(DiffusionPipeline):
     def encode_identity(self, face_embedding, geometry: BatchGeometry,
                         negative_identity: NegativeIdentity = NegativeIdentity(),
                         reference_mode: str = "mean") -> Optional[Tensor]:
-        """Identity tokens: the Resampler applied to each prompt's identity embedding (and to the
-        negative identity when guided).
+        """Identity tokens: the Resampler on each prompt's identity embedding ("concat": on each reference,
+        tokens concatenated, `references.identity_tokens`) and, when guided, on the negative identity.
 
         :param face_embedding: as `__call__`'s, or None.
-        :return: shape [B', N, C] (N = num_queries, C = the UNet's cross-attention width); None
-            without `face_embedding`.
+        :return: [B', K * Q, C] (K = 1 or N "concat" references, Q = num_queries, C = cross-attention width).
         """
         if face_embedding is None:
             return None
         dim = self.image_proj.config.embedding_dim
-        embeds = as_identity_embeddings(face_embedding, geometry.n_prompts, dim, reference_mode)  # [B, D]
+        embeds = as_reference_sets(face_embedding, geometry.n_prompts, dim, reference_mode)   # [B, K, D]
         embeds = embeds.to(device=self._execution_device, dtype=self.image_proj.dtype)
-        tokens = repeat_per_image(self.image_proj(embeds), geometry.n_per_prompt)               # [B * n, N, C]
+        tokens = repeat_per_image(identity_tokens(self.image_proj, embeds), geometry.n_per_prompt)  # [B * n, K * Q, C]
         if not geometry.guided:
             return tokens.to(self.unet.dtype)
         neg = negative_identity
-        negative = self.image_proj(negative_embedding(embeds, neg.kind, neg.strength, neg.seed))     # [B, N, C]
+        negative = identity_tokens(self.image_proj, negative_embedding(embeds, neg.kind, neg.strength, neg.seed))
         return with_uncond(repeat_per_image(negative, geometry.n_per_prompt), tokens, True).to(self.unet.dtype)
 
     def prepare_keypoint_image(self, keypoint_image, geometry: BatchGeometry) -> Tensor:

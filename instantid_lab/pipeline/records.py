@@ -4,6 +4,10 @@
 - `ControlWindow`     the fraction of the denoising steps a ControlNet acts in
 - `NegativeIdentity`  the identity classifier-free guidance pushes away from
 - `ExtraControlNet`   one more ControlNet (pose, canny, depth) with its image, scale and window
+- `References`        N reference embeddings of one person and how to use them (defined in
+                      `instantid_lab.references`, re-exported here): `References(embeddings [N, D],
+                      combine="mean" | "norm_mean" | "weighted" | "concat", weights=None | [N])`, passed
+                      as `face_embedding` (alone, or one per prompt in a list)
 
 `pipeline.inputs` builds them once from `InstantIDPipeline.__call__`'s flexible arguments.
 """
@@ -16,6 +20,9 @@ from typing import Any, Sequence, Union
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..references import References
+
+__all__ = ["BatchGeometry", "ControlWindow", "ExtraControlNet", "NegativeIdentity", "References"]
 
 NEGATIVE_IDENTITIES = ("zeros", "noise")
 

@@ -13,8 +13,8 @@ from .autoencoder import train_autoencoder
 from .base import train_base
 from .inspector import train_inspector_stage
 from .instantid import train_instantid
-from .loop import LoopSettings, LoopState, checkpoint_path, train_loop
+from .loop import LoopSettings, LoopState, checkpoint_path, checkpoint_step, train_loop
 from .recognizers import RecognizerPreset, train_recognizers
 
-__all__ = ["LoopSettings", "LoopState", "RecognizerPreset", "checkpoint_path", "train_autoencoder", "train_base",
+__all__ = ["LoopSettings", "LoopState", "RecognizerPreset", "checkpoint_path", "checkpoint_step", "train_autoencoder", "train_base",
            "train_inspector_stage", "train_instantid", "train_loop", "train_recognizers"]

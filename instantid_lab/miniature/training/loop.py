@@ -82,6 +82,12 @@ def checkpoint_path(out: Path, name: str) -> Path:
     return Path(out) / f"{name}_checkpoint.pt"
 
 
+def checkpoint_step(out: Path, name: str) -> Optional[int]:
+    """The step of the checkpoint `name` in `out` (what a re-run would continue from), or None if there is none."""
+    path = checkpoint_path(out, name)
+    return int(torch.load(path, weights_only=True)["step"]) if path.exists() else None
+
+
 def train_loop(name: str, model: nn.Module, loss_fn: LossFn, s: LoopSettings, out: Optional[Path] = None,
                seed: int = 0, stop_after: Optional[int] = None, progress: bool = True,
                on_checkpoint: Optional[Callable[[int], dict]] = None) -> LoopState:
