@@ -255,12 +255,16 @@ def plot_bars(
     fig = _new_figure(1.5 + 0.9 * len(names), 3.5)
     ax = fig.subplots()
     bars = ax.bar(range(len(names)), values, color="tab:blue")
-    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    # value labels on a white patch, drawn over any reference line they cross
+    ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2, zorder=5,
+                 bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none"})
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     for (label, value), style in zip((references or {}).items(), ("--", ":", "-.")):
-        ax.axhline(value, color="black", linestyle=style, label=label)
+        ax.axhline(value, color="black", linestyle=style, label=label, zorder=1)
+    top = max([*values, *(references or {}).values(), 0.0])
+    ax.set_ylim(top=top * 1.3 if top > 0 else None)  # head room for the labels and the legend
     if references:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", ncols=len(references))
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)

@@ -278,3 +278,13 @@ def test_the_training_cli_keeps_its_arguments_and_the_old_stage_name(quick_base,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "instantid.json").read_text())["steps"] == 2
+
+
+def test_miniature_analyzer_finds_no_face_in_a_blank_image_and_scores_renders(analyzer):
+    from instantid_lab.errors import NoFaceError
+
+    for colour in [(0, 0, 0), (255, 255, 255), (70, 110, 200)]:
+        with pytest.raises(NoFaceError, match="miniature backend"):
+            analyzer.get_face(Image.new("RGB", (32, 32), colour))
+    scores = [analyzer.get_face(s.image).det_score for s in random_samples(HELDOUT_IDS, 40, seed=8)]
+    assert 0.2 < min(scores) and max(scores) <= 1.0

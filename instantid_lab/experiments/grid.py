@@ -31,34 +31,27 @@ import argparse
 import io
 import itertools
 import json
-import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-import cv2
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data import MINIATURE_DIR
 from ..errors import InputError, LabError
-from ..keypoints import rotate_kps, translate_kps
-from ..pipeline import ExtraControlNet
-from ..miniature import demo
-from ..miniature.evaluate import ABLATIONS, HeldoutTask, keypoint_errors
-from ..miniature.instantid import keypoint_image, load_miniature
-from ..miniature.recognizer import embed_images, load_recognizer
-from ..miniature.world import images_to_tensor
+from ..miniature.evaluate import ABLATIONS
 from ..types import PathLike
-from .metrics import MiniatureScorer, Request
+from .cells import GridTask, Models, cell_inputs, generate, score
+from .metrics import summary
 
-SIZE = 32  # the miniature's images are 32 x 32 px
-PROMPTS, POSES, KEYPOINT_IMAGES, NEGATIVES = ("caption", "empty"), ("target", "reference", "turned"), ("drawn", "black"), ("zeros", "noise")
+#: The scores `GridRun.summary` averages per setting.
+SCORES = ("identity_similarity", "rank1", "keypoint_error", "reference_keypoint_error", "caption_mean", "caption_all")
+PROMPTS, POSES, KEYPOINT_IMAGES, NEGATIVES = ("caption", "empty"), ("target", "reference", "turned"), \
+    ("drawn", "black"), ("zeros", "noise")
 
 
 @dataclass(frozen=True)
@@ -161,9 +154,13 @@ class Grid:
     def __post_init__(self):
         levels = [v for values in self.axes.values() for v in values if isinstance(v, Level)]
         unknown = sorted((set(self.fixed) | {k for v in levels for k in v.knobs}) - set(KNOBS))
-        bad = [a for a, values in self.axes.items() if a not in KNOBS and not all(isinstance(v, Level) for v in values)]
-        if unknown or bad:
-            raise InputError(f"not pipeline arguments: {unknown or bad}; use Knobs fields {KNOBS} (or Level records)")
+        if unknown:
+            raise InputError(f"not pipeline arguments: {unknown}; use Knobs fields {KNOBS}")
+        plain = lambda values: not any(isinstance(v, Level) for v in values)
+        bad = [a for a, values in self.axes.items() if plain(values) != (a in KNOBS) or not (plain(values) or all(
+            isinstance(v, Level) for v in values))]
+        if bad:
+            raise InputError(f"axes {bad}: an axis named like a Knobs field takes its values, any other axis Level records")
         if self.identities < 1 or self.prompts < 1 or not self.seeds or not self.axes or not all(self.axes.values()):
             raise InputError("a grid needs identities >= 1, prompts >= 1, a seed, an axis and a level on every axis")
 
@@ -198,8 +195,8 @@ PRESETS = {
     "scales": {"adapter_scale": (0.0, 0.5, 1.0, 1.5), "identitynet_scale": (0.0, 0.5, 1.0, 1.5)},  # Fig. 9
     "parts": {"parts": tuple(Level(name, {"adapter_scale": a, "identitynet_scale": c})
                              for name, (a, c) in ABLATIONS.items())},
-    "prompt": {"prompt": (Level("empty prompt", {"prompt": "empty"}), Level("prompt"),                 # Fig. 3
-                          Level("prompt + extra ControlNet", {"extra_controlnet": 0.4}))},
+    "prompt": {"conditions": (Level("empty prompt", {"prompt": "empty"}), Level("prompt"),             # Fig. 3
+                              Level("prompt + extra ControlNet", {"extra_controlnet": 0.4}))},
     "windows": {"control_guidance_start": (0.0, 0.3), "control_guidance_end": (0.3, 0.6, 1.0)},
     "negative": {"negative_identity": ("zeros", "noise"), "adapter_scale": (0.5, 1.0, 1.5)},
 }
@@ -233,6 +230,16 @@ class GridRun:
     generated: int
     reused: int
 
+    def summary(self, columns: Sequence[str] = SCORES) -> pd.DataFrame:
+        """Mean, standard error and count of `columns` per setting (`<score>_mean`, ...), in grid order."""
+        return setting_summary(self.table, list(self.grid.axes), columns)
+
+
+def setting_summary(table: pd.DataFrame, by: Sequence[str], columns: Sequence[str] = SCORES) -> pd.DataFrame:
+    """`metrics.summary` of `columns` per group of `by`, the groups in the order they first appear."""
+    order = table[list(by)].drop_duplicates()
+    return order.merge(summary(table, by, columns), on=list(by), how="left").reset_index(drop=True)
+
 
 def plan_chunks(cells: Sequence[Cell], max_batch: int = 64) -> list[list[Cell]]:
     """The fixed partition of `cells` into denoising calls: grouped by `Knobs.call_key` (first seen
@@ -255,7 +262,7 @@ def run_grid(grid: Grid, out: PathLike, models: Optional[Models] = None, max_bat
     generated = 0
     if todo:
         models = models or Models.miniature()
-        task = GridTask.make(grid, models.conditioner)
+        task = GridTask.make(grid.identities, grid.prompts, models.conditioner, grid.task_seed)
         with tqdm(total=sum(map(len, todo)), unit="cell", disable=not progress, desc=out.name) as bar:
             for chunk in todo:
                 generated += run_chunk(models, task, chunk, out)

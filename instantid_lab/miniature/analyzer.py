@@ -38,6 +38,8 @@ class MiniatureFaceAnalyzer(FaceAnalyzer):
     """Keypoints from the miniature's inspector, embedding from its conditioning recogniser."""
 
     backend = "miniature"
+    #: below this `face_score` the image is taken to hold no face (a blank or flat image scores 0)
+    min_score = 0.1
 
     def __init__(self, folder: Optional[PathLike] = None):
         self.folder = Path(folder) if folder is not None else MINIATURE_DIR
@@ -58,14 +60,31 @@ class MiniatureFaceAnalyzer(FaceAnalyzer):
         (x1, y1), (x2, y2) = kps.min(0), kps.max(0)
         w, h = max(x2 - x1, 1.0), max(y2 - y1, 1.0)
         box = np.array([x1 - 0.6 * w, y1 - 0.9 * h, x2 + 0.6 * w, y2 + 0.8 * h], np.float32)
-        return [Detection(box, 1.0, kps=kps)]
+        score = face_score(pixels, box)
+        return [Detection(box, score, kps=kps)] if score >= self.min_score else []
 
     def _describe(self, pixels: np.ndarray, detection: Detection) -> Face:
         embedding = embed_images(self.recognizer, self._network_input(pixels))[0].numpy()  # [64], unit norm
         return Face(detection.bbox, detection.kps, embedding, detection.score, self.backend)
 
     def _attempts(self) -> str:
-        return "the whole image as one face"
+        return f"the whole image as one face (face score >= {self.min_score}: pixels in the face box unlike the border)"
+
+
+def face_score(pixels: np.ndarray, box: np.ndarray, tolerance: float = 30.0) -> float:
+    """The miniature's detection score: the fraction of pixels in the face box whose colour differs from
+    the background's (the median colour of the image border) by more than `tolerance` (mean over RGB).
+
+    A flat or blank image scores 0; a rendered or generated face fills most of its box and scores high.
+    :param pixels: [H, W, 3] uint8; :param box: x1, y1, x2, y2 in pixels.
+    """
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).astype(np.float32)  # [P, 3]
+    background = np.median(border, axis=0)
+    h, w = pixels.shape[:2]
+    x1, y1 = int(np.clip(box[0], 0, w - 1)), int(np.clip(box[1], 0, h - 1))
+    x2, y2 = int(np.clip(np.ceil(box[2]), x1 + 1, w)), int(np.clip(np.ceil(box[3]), y1 + 1, h))
+    inside = pixels[y1:y2, x1:x2].astype(np.float32)  # [h', w', 3]
+    return float((np.abs(inside - background).mean(-1) > tolerance).mean())
 
 
 def miniature_analyzer(model_dir: Optional[PathLike] = None, **options) -> MiniatureFaceAnalyzer:
