@@ -114,7 +114,8 @@ class InterpolationRun:
     """Images along each path, and their scores.
 
     :param images: kind -> [T][copies] images (point t of the path, starting noise c).
-    :param table: one row per image: kind, t, copy, similarity_<name> for both ends.
+    :param table: one row per image: kind, t, copy, embedding_norm (of the path's embedding at t),
+        similarity_<name> for both ends.
     """
 
     t: np.ndarray
@@ -141,10 +142,11 @@ def interpolate_identities(pipe, scorer, ends: Sequence[Person], keypoint_image,
         images[kind] = generate_from_one_noise(pipe, list(path), [keypoint_image] * points, sampling)
         flat = [im for row in images[kind] for im in row]
         scores = similarity_to(scorer, flat, ends)
-        rows.append(scores.assign(kind=kind, t=np.repeat(t, sampling.copies), copy=np.tile(
-            np.arange(sampling.copies), points)))
+        rows.append(scores.assign(kind=kind, t=np.repeat(t, sampling.copies),
+                                  copy=np.tile(np.arange(sampling.copies), points),
+                                  embedding_norm=np.repeat(path.norm(dim=1).numpy(), sampling.copies)))
     table = pd.concat(rows, ignore_index=True)
-    return InterpolationRun(t, images, table[["kind", "t", "copy", *scores.columns]])
+    return InterpolationRun(t, images, table[["kind", "t", "copy", "embedding_norm", *scores.columns]])
 
 
 def plot_interpolation(run: InterpolationRun, ends: Sequence[Person]) -> Figure:
@@ -170,11 +172,14 @@ def novel_views(kps: np.ndarray, width: int, degrees: float = 20.0, shift: float
                 factor: float = 0.8) -> dict[str, np.ndarray]:
     """New poses of one face by moving its keypoints [5, 2] (in pixels of an image `width` wide).
 
-    :param shift: a sideways move, as a fraction of the width.
+    :param degrees: rotation both ways (counter-clockwise on screen for +).
+    :param shift: a sideways move, as a fraction of the width (positive: to the right).
+    :param factor: the scale about the keypoints' centre.
     :return: view name -> keypoints [5, 2]; the first is the reference itself.
     """
     return {"reference": np.asarray(kps), f"rotated +{degrees:g}°": rotate_kps(kps, degrees),
-            f"rotated -{degrees:g}°": rotate_kps(kps, -degrees), "shifted left": translate_kps(kps, -shift * width, 0),
+            f"rotated -{degrees:g}°": rotate_kps(kps, -degrees),
+            f"shifted {'right' if shift > 0 else 'left'}": translate_kps(kps, shift * width, 0),
             f"scaled {factor:g}": scale_kps(kps, factor), "mirrored": mirror_kps(kps, width)}
 
 
@@ -294,14 +299,17 @@ def regional_conditioning(pipe, prompt: str, identities: Sequence[PlacedIdentity
 
 
 @torch.no_grad()
-def generate_regional(pipe, identities: Sequence[PlacedIdentity], height: int, width: int,
-                      sampling: Sampling, adapter_scale=1.0, identitynet_scale=1.0) -> list[Image.Image]:
-    """`sampling.copies` images (one per starting noise) with every identity in its own region."""
+def generate_regional(pipe, identities: Sequence[PlacedIdentity], height: int, width: int, sampling: Sampling,
+                      adapter_scale=1.0, identitynet_scale=1.0, output_type: str = "pil") -> list[Image.Image]:
+    """`sampling.copies` images (one per starting noise) with every identity in its own region.
+
+    :param output_type: as `InstantIDPipeline.decode_latents` ("pil", "np", "pt", "latent").
+    """
     geometry = BatchGeometry(1, sampling.copies, height, width, guided=sampling.guidance_scale > 1.0)
     cond = regional_conditioning(pipe, sampling.prompt, identities, geometry, adapter_scale, identitynet_scale)
     timesteps = schedule(pipe.scheduler, sampling.steps, 1.0, pipe.device)
     state = pipe.prepare_latents(geometry, torch.Generator().manual_seed(sampling.seed))
-    return pipe.decode_latents(pipe.denoise(state, timesteps, cond, sampling.guidance_scale), "pil")
+    return pipe.decode_latents(pipe.denoise(state, timesteps, cond, sampling.guidance_scale), output_type)
 
 
 @dataclass
@@ -320,6 +328,22 @@ class RegionsRun:
     def summary(self) -> pd.DataFrame:
         """Mean scores per region over the starting noises."""
         return self.table.drop(columns="copy").groupby(["region", "wanted"], sort=False).mean().reset_index()
+
+
+def plot_region_scores(runs: Mapping[str, RegionsRun], people: Sequence[Person]) -> Figure:
+    """Grouped bars: for each run (e.g. "A | B" and "B | A") and box, the mean similarity to each person."""
+    rows = pd.concat([run.summary().assign(run=name) for name, run in runs.items()], ignore_index=True)
+    fig = Figure(figsize=(1.6 + 1.3 * len(rows), 3.6))
+    ax = fig.subplots()
+    x, width = np.arange(len(rows)), 0.8 / len(people)
+    for i, person in enumerate(people):
+        ax.bar(x + (i - (len(people) - 1) / 2) * width, rows[f"similarity_{person.name}"], width,
+               label=f"similarity to {person.name}")
+    ax.set_xticks(x, [f"{r.run}\n{r.region}: wants {r.wanted}" for r in rows.itertuples()], fontsize=8)
+    ax.set(ylabel="identity similarity (evaluator)", title="Each face's box, scored against every identity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def generate_identities(pipe, scorer, people: Sequence[Person], kps: Sequence[np.ndarray], layout: Layout,
@@ -373,7 +397,5 @@ def generate_from_one_noise(pipe, embeddings: Sequence[Embedding], keypoint_imag
 
 def similarity_to(scorer, images: Sequence, people: Sequence[Person]) -> pd.DataFrame:
     """Per image, the scorer's gallery similarity to each person: columns `similarity_<name>`."""
-    gallery = [p.identity for p in people]
-    return pd.DataFrame({f"similarity_{p.name}": scorer.score(images, [Request(p.identity)] * len(images),
-                                                                gallery_ids=gallery).identity_similarity.to_numpy()
-                         for p in people})
+    return pd.DataFrame({f"similarity_{p.name}": scorer.score(images, [Request(p.identity)] * len(images))
+                         .identity_similarity.to_numpy() for p in people})

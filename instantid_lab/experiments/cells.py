@@ -76,7 +76,8 @@ class GridTask:
 
     @classmethod
     def make(cls, identities: int, prompts: int, conditioner, task_seed: int = 0) -> "GridTask":
-        """Identity k's reference is `HeldoutTask.make(K, task_seed)`'s; its target p is `HeldoutTask.make(K, task_seed + p)`'s."""
+        """Identity k's reference is `HeldoutTask.make(K, task_seed)`'s; its target p is that of
+        `HeldoutTask.make(K, task_seed + p)`."""
         tasks = [HeldoutTask.make(identities, task_seed + p) for p in range(prompts)]
         references = tasks[0].references
         with torch.no_grad():
@@ -107,7 +108,8 @@ def turned_kps(kps: np.ndarray, degrees: float = 25.0, shift: float = 5.0) -> np
 
 
 def cell_inputs(task: GridTask, cell) -> CellInputs:
-    knobs, reference, target = cell.setting.knobs, task.references[cell.identity], task.targets[cell.prompt][cell.identity]
+    knobs, reference = cell.setting.knobs, task.references[cell.identity]
+    target = task.targets[cell.prompt][cell.identity]
     kps = {"target": target.kps, "reference": reference.kps, "turned": turned_kps(reference.kps)}[knobs.pose]
     drawn = keypoint_image(kps, SIZE) if knobs.keypoint_image == "drawn" else Image.new("RGB", (SIZE, SIZE))
     prompt = target.caption.text() if knobs.prompt == "caption" else ""
@@ -151,6 +153,7 @@ def score(models: Models, task: GridTask, cells: Sequence, images: Sequence[Imag
     inputs = [cell_inputs(task, c) for c in cells]
     requests = [Request(task.ids[c.identity], i.kps, i.prompt, i.caption) for c, i in zip(cells, inputs)]
     table = models.scorer.score(images, requests, gallery_ids=task.ids).drop(columns="face_detected")
-    table["reference_keypoint_error"] = keypoint_errors(models.scorer.inspector, images, [i.reference_kps for i in inputs])
+    references = [i.reference_kps for i in inputs]
+    table["reference_keypoint_error"] = keypoint_errors(models.scorer.inspector, images, references)
     table["caption_mean"] = table[[c for c in table if c.startswith("caption_") and c != "caption_all"]].mean(axis=1)
     return table

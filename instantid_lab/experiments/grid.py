@@ -160,7 +160,8 @@ class Grid:
         bad = [a for a, values in self.axes.items() if plain(values) != (a in KNOBS) or not (plain(values) or all(
             isinstance(v, Level) for v in values))]
         if bad:
-            raise InputError(f"axes {bad}: an axis named like a Knobs field takes its values, any other axis Level records")
+            raise InputError(f"axes {bad}: an axis named like a Knobs field takes its values; any other axis takes "
+                             "Level records")
         if self.identities < 1 or self.prompts < 1 or not self.seeds or not self.axes or not all(self.axes.values()):
             raise InputError("a grid needs identities >= 1, prompts >= 1, a seed, an axis and a level on every axis")
 
@@ -222,7 +223,8 @@ def preset(name: str, identities: int = 8, prompts: int = 1, seeds: Sequence[int
 
 @dataclass
 class GridRun:
-    """A finished grid: the tidy table, how many cells this run generated and how many it found done."""
+    """A finished grid: the tidy table (results.csv + `image`, each cell's PNG), how many cells this run
+    generated and how many it found done."""
 
     grid: Grid
     out: Path
@@ -269,6 +271,7 @@ def run_grid(grid: Grid, out: PathLike, models: Optional[Models] = None, max_bat
                 bar.update(len(chunk))
     table = pd.DataFrame([_row(json.loads((out / "cells" / f"{c.id}.json").read_text())) for c in cells])
     write_atomic(out / "results.csv", table.to_csv(index=False).encode())
+    table["image"] = [str(out / "images" / f"{c.id}.png") for c in cells]  # in memory only: results.csv stays portable
     return GridRun(grid, out, table, generated, len(cells) - generated)
 
 

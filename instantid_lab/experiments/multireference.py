@@ -15,6 +15,7 @@ is generated once, as combiner "single".
     result = run_study(pipe, subjects, MiniatureScorer(), settings)
     study_summary(result.table)      # mean and standard error per (combiner, N)
     gains(result.table)              # paired gain over one reference (same identity and noise)
+    quote_table(result.table)        # both as "mean ± sem" text, one row per (combiner, N)
     plot_study(result.table)
 """
 
@@ -210,11 +211,32 @@ def gains(table: pd.DataFrame, column: str = "identity_similarity") -> pd.DataFr
     return summary(more.assign(gain=more[column].to_numpy() - baseline), ["combiner", "n_references"], ["gain"])
 
 
+def quote_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The table a reader would quote, one row per (combiner, N): identity similarity, rank-1 and the paired
+    gain in similarity over one reference, each "mean ± standard error", and the number of images."""
+    stats = study_summary(table).merge(gains(table), how="left", on=["combiner", "n_references"])
+    cell = lambda column: [("" if np.isnan(m) else f"{m:+.3f} ± {e:.3f}" if column == "gain" else f"{m:.3f} ± {e:.3f}")
+                           for m, e in zip(stats[f"{column}_mean"], stats[f"{column}_sem"].fillna(0))]
+    out = pd.DataFrame({"combiner": stats.combiner, "N": stats.n_references,
+                        "identity similarity": cell("identity_similarity"), "rank-1": cell("rank1"),
+                        "gain over N=1 (paired)": cell("gain"), "images": stats.identity_similarity_count})
+    return out.sort_values(["N", "combiner"]).set_index(["N", "combiner"])
+
+
+def target_level(subjects: Sequence[Subject], scorer) -> Optional[float]:
+    """The scorer's identity similarity of the targets themselves (what a perfect generation would reach),
+    or None when the subjects have no target image (photos)."""
+    if any(s.target_image is None for s in subjects):
+        return None
+    scores = scorer.score([s.target_image for s in subjects], [s.request for s in subjects])
+    return float(scores.identity_similarity.mean())
+
+
 def example_columns(result: StudyResult, n_subjects: int = 4) -> dict[str, list]:
     """Pictures for a grid: column title -> one image per subject (first seed): its references, its target,
     the single-reference image and each combiner's image at the largest N."""
-    subjects, t = result.subjects[:n_subjects], result.table
-    k, seed = max(result.settings.n_references), result.settings.seeds[0]
+    k, seed, t = max(result.settings.n_references), result.settings.seeds[0], result.table
+    subjects = [s for s in result.subjects if len(s.faces) >= k][:n_subjects]
     columns = {f"reference {j + 1}": [s.images[j] for s in subjects] for j in range(k)}
     if all(s.target_image is not None for s in subjects):
         columns["target"] = [s.target_image for s in subjects]

@@ -71,7 +71,7 @@ class MiniatureFaceAnalyzer(FaceAnalyzer):
         return f"the whole image as one face (face score >= {self.min_score}: pixels in the face box unlike the border)"
 
 
-def face_score(pixels: np.ndarray, box: np.ndarray, tolerance: float = 30.0) -> float:
+def face_score(pixels: np.ndarray, box: np.ndarray, tolerance: float = 20.0) -> float:
     """The miniature's detection score: the fraction of pixels in the face box whose colour differs from
     the background's (the median colour of the image border) by more than `tolerance` (mean over RGB).
 
