@@ -55,3 +55,33 @@ def test_the_same_seed_gives_the_losses_recorded_before_the_restructuring(losses
     assert len(losses[stage]) == len(RECORDED[stage])
     # equal, but for float32 rounding: InstantID's denoiser is now the pipeline's (measured: <= 1.3e-7 relative)
     torch.testing.assert_close(torch.tensor(losses[stage]), torch.tensor(RECORDED[stage]), rtol=1e-6, atol=0)
+
+
+def test_a_corrupt_checkpoint_stops_the_resume_with_a_clear_error_and_is_left_alone(tmp_path):
+    from instantid_lab.errors import CheckpointError
+    from instantid_lab.miniature.training import LoopSettings, train_loop
+
+    model = torch.nn.Linear(2, 1)
+    loss_fn = lambda generator, device: model(torch.randn(4, 2, generator=generator)).pow(2).mean()
+    path = checkpoint_path(tmp_path, "toy")
+    for garbage in (b"not a checkpoint", b""):
+        path.write_bytes(garbage)
+        with pytest.raises(CheckpointError, match="Move or delete it"):
+            train_loop("toy", model, loss_fn, LoopSettings(steps=2, lr=0.1), tmp_path, progress=False)
+        assert path.read_bytes() == garbage  # nothing overwritten
+    torch.save({"something": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="lacks"):
+        train_loop("toy", model, loss_fn, LoopSettings(steps=2, lr=0.1), tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("argv", [["base", "--out", "{tmp}/empty"], ["instantid", "--base-dir", "{tmp}/empty", "--out", "{tmp}/x"]])
+def test_the_training_cli_reports_missing_parts_in_one_line_without_a_traceback(tmp_path, argv):
+    import subprocess
+    import sys
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    done = subprocess.run([sys.executable, "-m", "instantid_lab.miniature.train", *argv], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert "run the autoencoder stage first" in done.stderr or "train the miniature first" in done.stderr

@@ -243,7 +243,7 @@ def example_columns(result: StudyResult, n_subjects: int = 4) -> dict[str, list]
     for combine, n in [(SINGLE, 1)] + [(c, k) for c in result.settings.combiners]:
         rows = [t.index[(t.identity == s.identity) & (t.seed == seed) & (t.combiner == combine)
                         & (t.n_references == n)][0] for s in subjects]
-        columns[f"{combine} (N={n})"] = [result.images[r] for r in rows]
+        columns[f"{combine}\nN={n}"] = [result.images[r] for r in rows]
     return columns
 
 
@@ -262,35 +262,39 @@ def copies_vs_single(pipe, subject: Subject, settings: StudySettings, copies: in
 
 
 def plot_study(table: pd.DataFrame, levels: Optional[dict] = None, title: str = "") -> Figure:
-    """Identity similarity and rank-1 vs N, one line per combiner (error bars: standard error), each from
-    the single-reference point; dashed: the single-reference level; `levels`: more labelled lines
-    ({"real target renders": value}, similarity panel); dotted: chance rank-1."""
-    stats = study_summary(table)
-    fig = plt.figure(figsize=(10, 4))
+    """Three panels vs N, one line per combiner from the single-reference point (error bars: standard error):
+    identity similarity and rank-1 (dashed line and band: the single-reference level; `levels`: more
+    labelled lines on the similarity panel, e.g. {"target renders": value}; dotted: chance rank-1), and
+    the paired gain in similarity over one reference (same identity and noise; 0 = no change)."""
+    stats, paired = study_summary(table), gains(table)
+    zero = pd.DataFrame({"combiner": [SINGLE], "n_references": [1], "gain_mean": [0.0], "gain_sem": [0.0]})
+    fig = plt.figure(figsize=(14, 4))
     plt.close(fig)                                   # shown only where the notebook displays it
-    for ax, column in zip(fig.subplots(1, 2), ("identity_similarity", "rank1")):
-        _plot_panel(ax, stats, column)
-        for (label, value), style in zip((levels or {}).items() if column != "rank1" else [], ("-.", ":")):
-            ax.axhline(value, color="black", linestyle=style, linewidth=1, label=label)
-        if column == "rank1" and "chance_rank1" in table:
-            ax.axhline(float(table.chance_rank1.mean()), color="grey", linestyle=":", label="chance")
-        ax.legend(fontsize=8)
+    similarity, rank1, gain = fig.subplots(1, 3)
+    _plot_panel(similarity, stats, "identity_similarity", "identity similarity (cosine)")
+    _plot_panel(rank1, stats, "rank1", "rank-1")
+    _plot_panel(gain, pd.concat([zero, paired]), "gain", "gain in similarity over N = 1 (paired)")
+    for (label, value), style in zip((levels or {}).items(), ("-.", ":")):
+        similarity.axhline(value, color="black", linestyle=style, linewidth=1, label=label)
+    if "chance_rank1" in table:
+        rank1.axhline(float(table.chance_rank1.mean()), color="grey", linestyle=":", label="chance")
+    for ax in (similarity, rank1, gain):
+        ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def _plot_panel(ax, stats: pd.DataFrame, column: str) -> None:
+def _plot_panel(ax, stats: pd.DataFrame, column: str, ylabel: str) -> None:
     mean, sem = f"{column}_mean", f"{column}_sem"
     single = stats[stats.combiner == SINGLE]
     for k, combine in enumerate(c for c in stats.combiner.unique() if c != SINGLE):
         line = pd.concat([single, stats[stats.combiner == combine]]).sort_values("n_references")
         shift = 0.04 * (k - 1.5)                     # side by side, so the error bars stay readable
         ax.errorbar(line.n_references + shift, line[mean], yerr=line[sem], marker="o", capsize=3, label=combine)
-    if len(single):
-        level, error = float(single[mean].iloc[0]), float(single[sem].fillna(0).iloc[0])
-        ax.axhline(level, color="black", linestyle="--", linewidth=1, label="one reference")
-        ax.axhspan(level - error, level + error, color="black", alpha=0.08)
+    level, error = float(single[mean].iloc[0]), float(single[sem].fillna(0).iloc[0])
+    ax.axhline(level, color="black", linestyle="--", linewidth=1, label="one reference")
+    ax.axhspan(level - error, level + error, color="black", alpha=0.08)
     ax.set_xlabel("number of references N")
-    ax.set_ylabel({"identity_similarity": "identity similarity (cosine)", "rank1": "rank-1"}.get(column, column))
+    ax.set_ylabel(ylabel)
     ax.set_xticks(sorted(stats.n_references.unique()))

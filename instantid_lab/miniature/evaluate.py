@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..data import MINIATURE_DIR
+from ..errors import LabError
 from ..images import ImageLike, image_sheet, load_image
 from .inspector import ATTRIBUTES, inspect, load_inspector
 from .instantid import keypoint_image, load_miniature
@@ -197,17 +199,26 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/ablation"))
     args = parser.parse_args(argv)
-    pipe = load_miniature(args.folder, instantid=args.instantid)
-    pipe.set_progress_bar_config(disable=True)
-    models = [load_recognizer(args.folder / f"recognizer_{role}.safetensors") for role in ("conditioner", "evaluator")]
-    result = evaluate_ablations(pipe, *models, load_inspector(args.folder / "inspector.safetensors"),
-                                args.identities, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    if args.identities < 2 or args.steps < 1:
+        parser.error(f"--identities must be >= 2 (rank-1 needs a gallery) and --steps >= 1; got {args.identities}, "
+                     f"{args.steps}")
+    try:
+        result = _evaluate_folder(args)
+    except LabError as error:  # missing or corrupt weights: the message says what to do
+        sys.exit(f"error: {error}")
     save_ablation(result, args.out)
     print(format_table(result))
     print(f"{result['identities']} held-out identities (chance rank-1 {result['chance']:.3f}), {result['sampler']}; "
           f"seconds per image: " + ", ".join(f"{k} {v['seconds_per_image']}" for k, v in result["rows"].items()
                                               if "seconds_per_image" in v))
 
+
+def _evaluate_folder(args) -> dict:
+    pipe = load_miniature(args.folder, instantid=args.instantid)
+    pipe.set_progress_bar_config(disable=True)
+    models = [load_recognizer(args.folder / f"recognizer_{role}.safetensors") for role in ("conditioner", "evaluator")]
+    return evaluate_ablations(pipe, *models, load_inspector(args.folder / "inspector.safetensors"),
+                              args.identities, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
 
 if __name__ == "__main__":
     main()

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
+from ..errors import LabError
 from .autoencoder import AutoencoderConfig
 from .base import BaseConfig
 from .inspector import InspectorConfig
@@ -55,9 +57,14 @@ def main(argv=None) -> None:
     config_cls, run = STAGES[ALIASES.get(args.stage, args.stage)]
     config = getattr(config_cls, args.preset)()
     if args.steps is not None:
+        if args.steps < 1:
+            sys.exit(f"error: --steps must be a positive number of training steps, got {args.steps}")
         config = replace(config, steps=args.steps)
     extra = {"base_dir": args.base_dir, "track": args.track} if run is train_instantid else {}
-    report = run(config, args.out, **extra)
+    try:
+        report = run(config, args.out, **extra)
+    except LabError as error:  # missing weights, a corrupt checkpoint, ...: the message says what to do
+        sys.exit(f"error: {error}")
     print(json.dumps({k: v for k, v in report.items() if k not in ("config", "losses", "evals")}, indent=2))
 
 

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ...errors import CheckpointError
 from ..autoencoder import encode
 from ..base import tokenize
 from ..instantid import keypoint_tensor
@@ -57,7 +58,11 @@ def identity_batch(vae, tokenizer, conditioner, n: int, seed: int, identity_ids=
 def cached(path: Path, build: Callable[[], TrainingBatch]) -> TrainingBatch:
     """`build()` once and save it to `path`; later runs (resumes) read the saved tensors instead."""
     if path.exists():  # files of earlier versions may hold more tensors: keep the batch's fields
-        saved = torch.load(path, weights_only=True)
+        try:
+            saved = torch.load(path, weights_only=True)
+        except Exception as error:  # truncated or not a torch file
+            raise CheckpointError(f"cannot read the cached training data {path} ({type(error).__name__}): delete "
+                                  "it and run again to render it afresh; nothing was changed.") from error
         return TrainingBatch(**{f.name: saved.get(f.name) for f in fields(TrainingBatch)})
     batch = build()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...errors import CheckpointError
+
 #: loss_fn(generator, device) -> scalar loss: draws its batch with `generator`, puts it on `device`.
 LossFn = Callable[[torch.Generator, torch.device], torch.Tensor]
 
@@ -85,7 +87,25 @@ def checkpoint_path(out: Path, name: str) -> Path:
 def checkpoint_step(out: Path, name: str) -> Optional[int]:
     """The step of the checkpoint `name` in `out` (what a re-run would continue from), or None if there is none."""
     path = checkpoint_path(out, name)
-    return int(torch.load(path, weights_only=True)["step"]) if path.exists() else None
+    return int(read_checkpoint(path)["step"]) if path.exists() else None
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint, read safely (`weights_only`: tensors and plain values, never code).
+
+    :raises CheckpointError: the file is not a readable checkpoint of this loop (names it; nothing is touched).
+    """
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception as error:  # truncated, not a torch file, or holding objects weights_only refuses
+        raise CheckpointError(f"cannot resume from {path}: it is not a readable training checkpoint "
+                              f"({type(error).__name__}). Move or delete it to start this stage afresh, "
+                              "or point --out at another folder; nothing in the folder was changed.") from error
+    missing = sorted({"model", "optimizer", "step", "losses", "generator"} - set(payload if isinstance(payload, dict) else ()))
+    if missing:
+        raise CheckpointError(f"cannot resume from {path}: it lacks {missing} (not a checkpoint of this training "
+                              "loop). Move or delete it, or point --out at another folder; nothing was changed.")
+    return payload
 
 
 def train_loop(name: str, model: nn.Module, loss_fn: LossFn, s: LoopSettings, out: Optional[Path] = None,
@@ -184,7 +204,7 @@ class _Run:
         os.replace(tmp, self.path)
 
     def _resume(self) -> None:
-        payload = torch.load(self.path, weights_only=True)
+        payload = read_checkpoint(self.path)
         self.accelerator.unwrap_model(self.model).load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.generator.set_state(payload["generator"])
