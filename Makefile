@@ -44,6 +44,7 @@ test: install
 benchmark: install
 	$(PY) benchmarks/face_analysis.py
 	$(PY) benchmarks/pipeline_step_time.py
+	$(PY) benchmarks/miniature_sampling.py
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root,)

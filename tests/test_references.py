@@ -154,3 +154,28 @@ def test_concat_needs_the_same_number_of_references_for_every_prompt(pipe, kps_i
     with pytest.raises(InputError, match="as_reference_sets"):
         as_identity_embeddings(References(refs, "concat"), 1, 16)
     assert as_reference_sets([References(refs[:2], "concat"), References(refs, "mean")][:1], 2, 16).shape == (2, 2, 16)
+
+
+# ----------------------------------------------------------------------------- the study (experiments.multireference)
+
+
+def test_the_study_gives_one_scored_row_per_image_and_paired_gains():
+    from instantid_lab.experiments import multireference as mr
+    from instantid_lab.experiments.metrics import MiniatureScorer
+    from instantid_lab.face_analysis import get_face_analyzer
+    from instantid_lab.worlds import load_pipeline
+
+    mini = load_pipeline("miniature")
+    mini.set_progress_bar_config(disable=True)
+    settings = mr.StudySettings.ci(n_identities=2, seeds=(0,), n_references=(1, 2), steps=2)
+    subjects = mr.miniature_subjects(get_face_analyzer("miniature"), settings)
+    result = mr.run_study(mini, subjects, MiniatureScorer(), settings)
+    t = result.table
+    assert len(t) == len(result.images) == 2 * (1 + len(COMBINERS))     # N = 1 once, then every combiner at N = 2
+    assert set(t.combiner) == {mr.SINGLE, *COMBINERS} and t.identity_similarity.notna().all()
+    gain = mr.gains(t)
+    mean_2 = t[(t.combiner == "mean") & (t.n_references == 2)].identity_similarity.to_numpy()
+    single = t[t.combiner == mr.SINGLE].identity_similarity.to_numpy()
+    assert gain.set_index("combiner").loc["mean", "gain_mean"] == pytest.approx((mean_2 - single).mean())
+    assert len(mr.quote_table(t)) == 1 + len(COMBINERS)
+    assert len(mr.example_columns(result, n_subjects=2)) == 2 + 1 + 1 + len(COMBINERS)  # refs, target, single, combiners
