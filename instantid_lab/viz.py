@@ -157,7 +157,9 @@ def image_grid(
         raise InputError("image_grid needs at least one image")
     ncols = min(ncols, len(images))
     nrows = -(-len(images) // ncols)  # ceiling division
-    fig = _new_figure(cell * ncols, cell * nrows + (0.4 if suptitle else 0.0))
+    width, height = load_image(images[0]).size
+    aspect = min(max(height / width, 0.4), 1.0)  # wide images get shorter rows (titles need some height)
+    fig = _new_figure(cell * ncols, (cell * aspect + 0.35) * nrows + (0.4 if suptitle else 0.0))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for index, ax in enumerate(axes):
         ax.axis("off")

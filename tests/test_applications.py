@@ -7,10 +7,21 @@ import torch
 from diffusers.models.attention_processor import Attention
 from PIL import Image
 
-from instantid_lab.attention import (IdentityAttnProcessor, RegionalIdentity, decoupled_cross_attention,
-                                     regional_identity_attention)
-from instantid_lab.experiments.applications import (Layout, PlacedIdentity, Sampling, generate_regional, lerp,
-                                                    novel_views, slerp)
+from instantid_lab.attention import (
+    IdentityAttnProcessor,
+    RegionalIdentity,
+    decoupled_cross_attention,
+    regional_identity_attention,
+)
+from instantid_lab.experiments.applications import (
+    Layout,
+    PlacedIdentity,
+    Sampling,
+    generate_regional,
+    lerp,
+    novel_views,
+    slerp,
+)
 from instantid_lab.tiny import tiny_embedding, tiny_pipeline
 
 

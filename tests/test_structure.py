@@ -16,7 +16,7 @@ PACKAGE = Path(os.environ.get("STRUCTURE_PACKAGE", Path(__file__).resolve().pare
 
 #: The core: the method itself. It never imports the miniature, the tiny stack or the UI.
 CORE = ("errors", "types", "building", "data", "images", "keypoints", "embeddings", "adapter", "attention",
-        "identitynet", "checkpoint", "face_analysis", "pipeline", "loading")
+        "identitynet", "references", "checkpoint", "face_analysis", "pipeline", "loading")
 #: Above the core: the miniature, the experiments, the tiny test stack, and the top (worlds, viz, widgets, notebooks).
 UPPER = ("miniature", "experiments", "tiny", "worlds", "viz", "widgets", "notebooks")
 #: The top: what notebooks and people call; nothing in the core, the miniature or the experiments imports it.

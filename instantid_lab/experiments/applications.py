@@ -265,6 +265,11 @@ class PlacedIdentity:
     keypoint_image: Image.Image
     region: Tensor
 
+    def preview(self) -> Image.Image:
+        """Its keypoint image with its region in grey underneath, to look at."""
+        grey = (90 * self.region[0, ..., None].numpy()).astype(np.uint8)                  # [H, W, 1]
+        return Image.fromarray(np.maximum(np.asarray(self.keypoint_image), grey))
+
 
 @dataclass(frozen=True)
 class RegionalConditioning(Conditioning):
@@ -316,12 +321,15 @@ def generate_regional(pipe, identities: Sequence[PlacedIdentity], height: int, w
 class RegionsRun:
     """Multi-identity images and the scores of each face's box.
 
+    :param identities: what each identity was given (keypoint image, region), in box order.
     :param images: `copies` images.
     :param table: one row per (image, region): copy, region, wanted (the name of the region's identity),
-        similarity_<name> for every identity, keypoint_error (px), own_is_closest.
+        similarity_<name> for every identity, similarity_own, similarity_other (the most similar other
+        identity), keypoint_error (px), own_is_closest.
     """
 
     layout: Layout
+    identities: list[PlacedIdentity]
     images: list[Image.Image]
     table: pd.DataFrame
 
@@ -357,21 +365,24 @@ def generate_identities(pipe, scorer, people: Sequence[Person], kps: Sequence[np
               for r, (p, k) in enumerate(zip(people, kps))]
     images = generate_regional(pipe, placed, layout.height, layout.width, sampling, adapter_scale,
                                identitynet_scale)
-    return RegionsRun(layout, images, score_regions(scorer, images, layout, people, kps))
+    return RegionsRun(layout, placed, images, score_regions(scorer, images, layout, people, kps))
 
 
 def score_regions(scorer, images: Sequence[Image.Image], layout: Layout, people: Sequence[Person],
                   kps: Sequence[np.ndarray]) -> pd.DataFrame:
-    """Every box of every image: its similarity to every person, its keypoint error, whether its own
-    person (people[r] for box r) is the closest."""
+    """Every box of every image: its similarity to every person, to its own (people[r] for box r) and to
+    the most similar other one, its keypoint error, and whether its own person is the closest."""
     crops = [layout.crop(r, im) for im in images for r in range(len(people))]           # image-major
     wanted = [r for _ in images for r in range(len(people))]
     similarity = similarity_to(scorer, crops, people)                                      # [N, people]
     errors = scorer.score(crops, [Request(people[r].identity, kps=kps[r]) for r in wanted]).keypoint_error
     table = pd.DataFrame({"copy": np.repeat(np.arange(len(images)), len(people)),
                           "region": [f"box {r}" for r in wanted], "wanted": [people[r].name for r in wanted]})
+    values, rows = similarity.to_numpy(), np.arange(len(crops))
+    others = np.where(np.arange(len(people))[None] == np.array(wanted)[:, None], -np.inf, values)  # [N, people]
     return pd.concat([table, similarity], axis=1).assign(
-        keypoint_error=errors.to_numpy(), own_is_closest=similarity.to_numpy().argmax(1) == np.array(wanted))
+        similarity_own=values[rows, wanted], similarity_other=others.max(1), keypoint_error=errors.to_numpy(),
+        own_is_closest=values.argmax(1) == np.array(wanted))
 
 
 # ----------------------------------------------------------------------------- shared
