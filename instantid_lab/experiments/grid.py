@@ -66,6 +66,8 @@ class Knobs:
     :param keypoint_image: "drawn" (the keypoint image of `pose`) or "black" (no keypoints at all).
     :param extra_controlnet: scale of an extra ControlNet on the target's edge map (0: none). In the
         miniature it is `demo.random_controlnet`, untrained: it shows the mechanics, not a trained control.
+    :param negative_identity: "zeros" or "noise"; with "noise" the pipeline draws one noise for the whole
+        call, so a cell's negative identity depends on its place in its chunk (fixed, hence reproducible).
     """
 
     adapter_scale: float = 1.0
@@ -246,6 +248,8 @@ def setting_summary(table: pd.DataFrame, by: Sequence[str], columns: Sequence[st
 def plan_chunks(cells: Sequence[Cell], max_batch: int = 64) -> list[list[Cell]]:
     """The fixed partition of `cells` into denoising calls: grouped by `Knobs.call_key` (first seen
     first), each group cut into chunks of at most `max_batch`, in cell order."""
+    if max_batch < 1:
+        raise InputError(f"max_batch (--max-batch) must be >= 1, got {max_batch}")
     groups: dict = {}
     for cell in cells:
         groups.setdefault(cell.setting.knobs.call_key(), []).append(cell)
@@ -337,7 +341,7 @@ def open_folder(out: PathLike, grid: Grid) -> Path:
     return out
 
 
-# ----------------------------------------------------------------------------- report and CLI
+# ----------------------------------------------------------------------------- CLI
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -48,12 +48,15 @@ def levels(column: pd.Series) -> list:
 
 def heatmaps(summary: pd.DataFrame, x: str, y: str,
              values: Sequence[str] = ("identity_similarity", "keypoint_error", "caption_mean")) -> Figure:
-    """One panel per score: its mean over the grid `x` (columns) x `y` (rows, growing upwards), annotated."""
+    """One panel per score: its mean over the grid `x` (columns) x `y` (rows, growing upwards), annotated
+    (errors: lower is brighter; fractions coloured on [0, 1])."""
     fig = new_figure(4.3 * len(values), 3.8)
     xs, ys = levels(summary[x]), levels(summary[y])
     for ax, value in zip(np.atleast_1d(fig.subplots(1, len(values))), values):
         matrix = summary.pivot(index=y, columns=x, values=f"{value}_mean").loc[ys, xs].to_numpy(float)  # [Y, X]
-        image = ax.imshow(matrix, origin="lower", cmap="viridis_r" if "error" in value else "viridis", aspect="auto")
+        limits = (0.0, 1.0) if value.startswith(("caption", "rank")) else (None, None)   # fractions on their full range
+        image = ax.imshow(matrix, origin="lower", cmap="viridis_r" if "error" in value else "viridis", aspect="auto",
+                          vmin=limits[0], vmax=limits[1])
         for (row, col), v in np.ndenumerate(matrix):
             ax.text(col, row, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white",
                     bbox={"boxstyle": "round,pad=0.1", "facecolor": "black", "alpha": 0.35, "edgecolor": "none"})
@@ -85,7 +88,8 @@ def curves(summary: pd.DataFrame, x: str, along: str, curve: Union[str, Sequence
                         color=line[0].get_color())
     ax.set_xlabel(LABELS.get(x, x))
     ax.set_ylabel(LABELS.get(y, y))
-    ax.legend(fontsize=7, title=f"points: {along}", title_fontsize=7)
+    if by:
+        ax.legend(fontsize=7, title=f"points: {along}", title_fontsize=7)
     ax.set_title(title or f"{LABELS.get(y, y)} vs {LABELS.get(x, x)}", fontsize=9)
     fig.tight_layout()
     return fig
