@@ -7,6 +7,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from PIL import Image
 
+from attention_inputs import qkv
 from instantid_lab.attention import (
     IdentityAttnProcessor,
     RegionalIdentity,
@@ -23,12 +24,6 @@ from instantid_lab.experiments.applications import (
     slerp,
 )
 from instantid_lab.tiny import tiny_embedding, tiny_pipeline
-
-
-def qkv(b=2, h=2, lq=6, lt=5, li=4, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda n: torch.randn(b, h, n, d, generator=g)  # noqa: E731
-    return r(lq), r(lt), r(lt), r(li), r(li)
 
 
 # ------------------------------------------------------------------------ the regional equation

@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
+from attention_inputs import qkv
 from instantid_lab.adapter import Resampler, ResamplerConfig
 from instantid_lab.attention import (
     IdentityAttnProcessor,
@@ -30,12 +31,6 @@ def naive_attention(q, k, v):
     """softmax(Q K^T / sqrt(d)) V written out, [B, h, L, d]."""
     w = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
     return w.softmax(-1) @ v
-
-
-def qkv(b=2, h=2, lq=6, lt=5, li=4, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda n: torch.randn(b, h, n, d, generator=g)  # noqa: E731
-    return r(lq), r(lt), r(lt), r(li), r(li)
 
 
 # ------------------------------------------------------------------------ the equation
