@@ -178,4 +178,5 @@ def test_the_study_gives_one_scored_row_per_image_and_paired_gains():
     single = t[t.combiner == mr.SINGLE].identity_similarity.to_numpy()
     assert gain.set_index("combiner").loc["mean", "gain_mean"] == pytest.approx((mean_2 - single).mean())
     assert len(mr.quote_table(t)) == 1 + len(COMBINERS)
-    assert len(mr.example_columns(result, n_subjects=2)) == 2 + 1 + 1 + len(COMBINERS)  # refs, target, single, combiners
+    columns = mr.example_columns(result, n_subjects=2)
+    assert len(columns) == 2 + 1 + 1 + len(COMBINERS)                     # references, target, single, combiners

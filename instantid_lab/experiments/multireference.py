@@ -194,6 +194,23 @@ def noise_generator(subject: int, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(100_003 * seed + subject)
 
 
+def embedding_agreement(subjects: Sequence[Subject], analyzer, n_references: Sequence[int]) -> pd.DataFrame:
+    """The input side: per subject and N, the cosine between the mean of its first N reference embeddings
+    and the embedding of its target render (an unseen image of the person), by the conditioning analyzer.
+    ("norm_mean" has the same direction as "mean"; "concat" has no single vector.) Needs target images.
+
+    :return: one row per (subject, N): identity, n_references, cosine.
+    """
+    rows = []
+    for s in subjects:
+        target = analyzer.get_face(s.target_image).embedding                       # [D]
+        for n in n_references:
+            mean = np.stack([f.embedding for f in s.faces[:n]]).mean(0)            # [n, D] -> [D]
+            cosine = float(mean @ target / (np.linalg.norm(mean) * np.linalg.norm(target)))
+            rows.append(dict(identity=s.identity, n_references=n, cosine=cosine))
+    return pd.DataFrame(rows)
+
+
 # ----------------------------------------------------------------------------- tables
 
 
@@ -215,12 +232,17 @@ def quote_table(table: pd.DataFrame) -> pd.DataFrame:
     """The table a reader would quote, one row per (combiner, N): identity similarity, rank-1 and the paired
     gain in similarity over one reference, each "mean ± standard error", and the number of images."""
     stats = study_summary(table).merge(gains(table), how="left", on=["combiner", "n_references"])
-    cell = lambda column: [("" if np.isnan(m) else f"{m:+.3f} ± {e:.3f}" if column == "gain" else f"{m:.3f} ± {e:.3f}")
-                           for m, e in zip(stats[f"{column}_mean"], stats[f"{column}_sem"].fillna(0))]
     out = pd.DataFrame({"combiner": stats.combiner, "N": stats.n_references,
-                        "identity similarity": cell("identity_similarity"), "rank-1": cell("rank1"),
-                        "gain over N=1 (paired)": cell("gain"), "images": stats.identity_similarity_count})
+                        "identity similarity": _mean_sem(stats, "identity_similarity"),
+                        "rank-1": _mean_sem(stats, "rank1"), "gain over N=1 (paired)": _mean_sem(stats, "gain", "+"),
+                        "images": stats.identity_similarity_count})
     return out.sort_values(["N", "combiner"]).set_index(["N", "combiner"])
+
+
+def _mean_sem(stats: pd.DataFrame, column: str, sign: str = "") -> list[str]:
+    """"mean ± sem" per row ("" where the mean is missing)."""
+    pairs = zip(stats[f"{column}_mean"], stats[f"{column}_sem"].fillna(0))
+    return ["" if np.isnan(m) else f"{m:{sign}.3f} ± {e:.3f}" for m, e in pairs]
 
 
 def target_level(subjects: Sequence[Subject], scorer) -> Optional[float]:
@@ -251,11 +273,14 @@ def copies_vs_single(pipe, subject: Subject, settings: StudySettings, copies: in
     """Per combiner, the largest pixel difference between `copies` copies of the subject's first reference
     and that reference alone (same noise); 0 up to float error for every combiner."""
     e = subject.faces[0].embedding
-    call = lambda identity: pipe(subject.request.prompt, identity, subject.keypoint_image, output_type="np",
-                                 num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
-                                 generator=noise_generator(0, 0)).images[0]
-    alone = call(e)
-    return {c: float(np.abs(call(References(np.repeat(e[None], copies, 0), c)) - alone).max()) for c in COMBINERS}
+
+    def generate(identity) -> np.ndarray:
+        return pipe(subject.request.prompt, identity, subject.keypoint_image, output_type="np",
+                    num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+                    generator=noise_generator(0, 0)).images[0]
+
+    alone = generate(e)
+    return {c: float(np.abs(generate(References(np.repeat(e[None], copies, 0), c)) - alone).max()) for c in COMBINERS}
 
 
 # ----------------------------------------------------------------------------- the plot
