@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -70,8 +70,9 @@ def _read_pickle(path: Path) -> Mapping:
             f"{str(e).splitlines()[0]}. Use a checkpoint from a source you trust, converted with "
             "convert_to_safetensors."
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"could not read {path} as a torch checkpoint ({e}). Is the download complete?") from e
+    except Exception as e:  # truncated or not a pickle at all: torch's unpickler raises many kinds of error
+        raise CheckpointError(f"could not read {path} as a torch checkpoint ({type(e).__name__}: {e}). "
+                              "Is the download complete?") from e
 
 
 def _as_parts(state: Mapping, where: str) -> dict[str, dict[str, Tensor]]:
@@ -110,19 +111,30 @@ def _check_parts(parts: Mapping[str, Mapping], where: str) -> None:
         raise CheckpointError(f"{where}: these entries are not tensors: {odd[:6]}")
 
 
-def save_adapter_state(state: Mapping, path: PathLike) -> None:
+def save_adapter_state(state: Mapping, path: PathLike, metadata: Optional[Mapping[str, str]] = None) -> None:
     """Write an adapter state as safetensors, keys "image_proj.<k>" and "ip_adapter.<k>".
 
     :param state: ``{"image_proj": {...}, "ip_adapter": {...}}`` (e.g. from `load_adapter_state`, or
         ``{"image_proj": resampler.state_dict(), "ip_adapter": procs.state_dict()}``)
     :param path: the file to write (its folder is created).
+    :param metadata: extra text entries for the file's header (read back with `adapter_metadata`).
     """
     from safetensors.torch import save_file
 
     parts = _as_parts(state, "the state to save")
     flat = {f"{p}.{k}": v.detach().contiguous().cpu() for p in PARTS for k, v in parts[p].items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(flat, str(path), metadata={"format": "pt"})
+    save_file(flat, str(path), metadata={**(metadata or {}), "format": "pt"})
+
+
+def adapter_metadata(path: PathLike) -> dict[str, str]:
+    """The text entries of a `.safetensors` adapter file's header ({} for other files)."""
+    from safetensors import safe_open
+
+    if Path(path).suffix != ".safetensors":
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def convert_to_safetensors(src: PathLike, dst: PathLike) -> None:

@@ -1,7 +1,10 @@
 """Loading the real weights (SDXL 1.0 + the released InstantID files) from local folders only.
 
-Nothing here downloads. The base model is a local folder in diffusers layout, or a Hugging Face
-repo id already in the local cache (`HF_HOME`); the InstantID files live in one folder:
+Nothing here downloads. The base model is a local folder in diffusers layout, a Hugging Face
+repo id already in the local cache (`HF_HOME`), or one `.safetensors` file (a fine-tuned SDXL in the
+original single-file layout), read by diffusers' `from_single_file` with the configurations and
+tokenizers of a local SDXL folder or cached repo (`single_file_config`); the InstantID files live in
+one folder:
 
     <instantid_dir>/ControlNetModel/config.json
     <instantid_dir>/ControlNetModel/diffusion_pytorch_model.safetensors
@@ -39,6 +42,8 @@ BASE_LAYOUT = {
     "tokenizer_2": ("tokenizer_config.json", ["vocab.json", "tokenizer.json"]),
     "scheduler": ("scheduler_config.json", []),
 }
+#: A base model as one file: the original (non-diffusers) layout; .ckpt pickles are refused (they can run code).
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 INSTANTID_FILES = ["ControlNetModel/config.json", "ControlNetModel/diffusion_pytorch_model.safetensors"]
 ADAPTER_FILES = ["ip-adapter.bin", "ip-adapter.safetensors"]
 
@@ -63,15 +68,25 @@ def resolve_base(base: PathLike = SDXL_BASE) -> Optional[Path]:
         return None
 
 
-def missing_base_files(folder: Path) -> list[str]:
-    """Files of the diffusers SDXL layout that `folder` lacks (relative paths)."""
+def missing_base_files(folder: Path, weights: bool = True) -> list[str]:
+    """Files of the diffusers SDXL layout that `folder` lacks (relative paths).
+
+    :param weights: also the models' weight files (False: only what a single-file base takes from the
+        folder: `model_index.json`, the configs and the tokenizers).
+    """
     missing = [] if (folder / "model_index.json").is_file() else ["model_index.json"]
-    for sub, (config, weights) in BASE_LAYOUT.items():
+    for sub, (config, files) in BASE_LAYOUT.items():
         if not (folder / sub / config).is_file():
             missing.append(f"{sub}/{config}")
-        if weights and not any((folder / sub / w).is_file() for w in weights):
-            missing.append(f"{sub}/{' or '.join(weights)}")
+        needed = files and (weights or sub.startswith("tokenizer"))
+        if needed and not any((folder / sub / f).is_file() for f in files):
+            missing.append(f"{sub}/{' or '.join(files)}")
     return missing
+
+
+def is_single_file(base: PathLike) -> bool:
+    """Whether `base` names one checkpoint file rather than a folder or a repo id."""
+    return Path(base).suffix in SINGLE_FILE_SUFFIXES
 
 
 def missing_instantid_files(folder: Path) -> list[str]:
@@ -82,19 +97,14 @@ def missing_instantid_files(folder: Path) -> list[str]:
     return missing
 
 
-def check_model_files(base: PathLike = SDXL_BASE, instantid: Optional[PathLike] = None) -> tuple[Path, Path]:
-    """(base folder, InstantID folder) if every file is there.
+def check_model_files(base: PathLike = SDXL_BASE, instantid: Optional[PathLike] = None,
+                      single_file_config: PathLike = SDXL_BASE) -> tuple[Path, Path]:
+    """(base folder or single file, InstantID folder) if every file is there.
 
     :raises ModelFilesMissingError: lists every missing file and where it goes.
     """
-    folder, ids = resolve_base(base), instantid_dir(instantid)
-    problems = []
-    if folder is None:
-        problems.append(f"base model {str(base)!r}: not a local folder and not in the Hugging Face cache "
-                        f"(HF_HOME). Put a diffusers SDXL folder there ({', '.join(BASE_LAYOUT)}, model_index.json) "
-                        f"or pass base='/path/to/stable-diffusion-xl-base-1.0'.")
-    elif missing_base_files(folder):
-        problems.append(f"base model folder {folder} lacks: {', '.join(missing_base_files(folder))}")
+    ids = instantid_dir(instantid)
+    folder, problems = _check_single_file(base, single_file_config) if is_single_file(base) else _check_base(base)
     if missing_instantid_files(ids):
         problems.append(f"InstantID folder {ids} lacks: {', '.join(missing_instantid_files(ids))} "
                         f"(from the {INSTANTID_REPO} model page; set $INSTANTID_DIR or pass instantid_dir=)")
@@ -103,20 +113,55 @@ def check_model_files(base: PathLike = SDXL_BASE, instantid: Optional[PathLike] 
     return folder, ids
 
 
+def _check_base(base: PathLike) -> tuple[Optional[Path], list[str]]:
+    folder = resolve_base(base)
+    if folder is None:
+        return None, [f"base model {str(base)!r}: not a local folder and not in the Hugging Face cache "
+                      f"(HF_HOME). Put a diffusers SDXL folder there ({', '.join(BASE_LAYOUT)}, model_index.json) "
+                      f"or pass base='/path/to/stable-diffusion-xl-base-1.0'."]
+    missing = missing_base_files(folder)
+    return folder, [f"base model folder {folder} lacks: {', '.join(missing)}"] if missing else []
+
+
+def _check_single_file(path: PathLike, config: PathLike) -> tuple[Path, list[str]]:
+    """Problems of a single-file base: the file itself, and the SDXL folder its configurations come from."""
+    path, problems = Path(path).expanduser(), []
+    if path.suffix != ".safetensors":
+        problems.append(f"{path}: a {path.suffix} checkpoint is a pickle, which can run code when loaded; use the "
+                        ".safetensors version of this model.")
+    elif not path.is_file():
+        problems.append(f"single-file base {path} does not exist.")
+    folder = resolve_base(config)
+    if folder is None:
+        problems.append(f"the configuration for single-file base {path.name}: {str(config)!r} is not a local folder "
+                        f"and not in the Hugging Face cache. A single file has weights only; its configs and "
+                        f"tokenizers come from a diffusers SDXL folder: pass single_file_config='/path/to/"
+                        f"stable-diffusion-xl-base-1.0' (the weights in it are not needed).")
+    elif missing_base_files(folder, weights=False):
+        problems.append(f"configuration folder {folder} (for {path.name}) lacks: "
+                        f"{', '.join(missing_base_files(folder, weights=False))}")
+    return path, problems
+
+
 def load_sdxl_instantid(base: PathLike = SDXL_BASE, instantid_dir: Optional[PathLike] = None,
                         torch_dtype: torch.dtype = torch.float32, device: Optional[Union[str, torch.device]] = None,
-                        layer_scale: float = 1.0):
-    """`InstantIDPipeline` with SDXL 1.0, IdentityNet and the image adapter, from local files.
+                        layer_scale: float = 1.0, single_file_config: PathLike = SDXL_BASE):
+    """`InstantIDPipeline` with SDXL 1.0 (or a fine-tune), IdentityNet and the image adapter, from local files.
 
-    :param base: a local diffusers SDXL folder, or a repo id already in the Hugging Face cache.
+    :param base: a local diffusers SDXL folder, a repo id already in the Hugging Face cache, or one
+        `.safetensors` file of a fine-tuned SDXL in the original single-file layout.
+    :param single_file_config: for a single-file `base`: the local diffusers SDXL folder (or cached repo id)
+        whose configurations and tokenizers describe it (its weights are not read).
     :param instantid_dir: folder with ControlNetModel/ and ip-adapter.bin (default: $INSTANTID_DIR or models/instantid).
     :param torch_dtype: dtype of every model (float16 on GPUs; the VAE decodes in float32 when it must).
     :param device: where to move the pipeline, if given.
     :param layer_scale: every layer's identity scale (multiplies the per-call `adapter_scale`).
     :raises ModelFilesMissingError: some files are missing; the message lists them and where they go.
     """
-    folder, ids = check_model_files(base, instantid_dir)
-    pipe = _build_pipeline(folder, ids / "ControlNetModel", torch_dtype)
+    path, ids = check_model_files(base, instantid_dir, single_file_config)
+    components = (_single_file_components(path, resolve_base(single_file_config), torch_dtype) if is_single_file(path)
+                  else _base_components(path, torch_dtype))
+    pipe = _build_pipeline(components, ids / "ControlNetModel", torch_dtype)
     adapter = next(ids / f for f in ADAPTER_FILES if (ids / f).is_file())
     pipe.load_adapter(adapter, layer_scale=layer_scale)
     return pipe.to(device) if device is not None else pipe
@@ -139,22 +184,41 @@ def load_controlnet(folder: PathLike, torch_dtype: torch.dtype = torch.float32):
     return ControlNetModel.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True)
 
 
-def _build_pipeline(folder: Path, controlnet_dir: Path, torch_dtype: torch.dtype):
-    from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def _build_pipeline(components: dict, controlnet_dir: Path, torch_dtype: torch.dtype):
+    from diffusers import ControlNetModel
 
     from .pipeline import InstantIDPipeline
 
-    return InstantIDPipeline(
+    controlnet = ControlNetModel.from_pretrained(controlnet_dir, torch_dtype=torch_dtype, local_files_only=True)
+    return InstantIDPipeline(**components, controlnet=controlnet)
+
+
+def _base_components(folder: Path, torch_dtype: torch.dtype) -> dict:
+    """The SDXL components of a diffusers folder (Euler scheduler)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    return dict(
         vae=_load(AutoencoderKL, folder, "vae", torch_dtype=torch_dtype),
         text_encoder=_load(CLIPTextModel, folder, "text_encoder", dtype=torch_dtype),
         text_encoder_2=_load(CLIPTextModelWithProjection, folder, "text_encoder_2", dtype=torch_dtype),
         tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
         tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True),
         unet=_load(UNet2DConditionModel, folder, "unet", torch_dtype=torch_dtype),
-        controlnet=ControlNetModel.from_pretrained(controlnet_dir, torch_dtype=torch_dtype, local_files_only=True),
         scheduler=EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
     )
+
+
+def _single_file_components(path: Path, config_folder: Path, torch_dtype: torch.dtype) -> dict:
+    """The SDXL components of one original-layout file: diffusers' `from_single_file`, configurations and
+    tokenizers from `config_folder` (a local folder, so nothing is fetched), Euler scheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    sdxl = StableDiffusionXLPipeline.from_single_file(str(path), config=str(config_folder), local_files_only=True,
+                                                      torch_dtype=torch_dtype)
+    names = ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet"]
+    scheduler = EulerDiscreteScheduler.from_pretrained(config_folder, subfolder="scheduler", local_files_only=True)
+    return {**{n: getattr(sdxl, n) for n in names}, "scheduler": scheduler}
 
 
 def _load(cls, folder: Path, sub: str, **dtype):

@@ -10,6 +10,7 @@ This module imports nothing from the kit but its errors, so every layer can use 
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from typing import Union
@@ -32,11 +33,15 @@ def per_sample_scale(scale, batch: int, *, name: str = "scale") -> Scale:
     :param scale: a number; or a tensor / list of shape [], [1] or [batch].
     :param batch: B, the number of samples the scale multiplies.
     :param name: the argument's name, for the error message.
-    :raises InputError: any other shape, naming `name`.
+    :raises InputError: any other shape, or a value that is not finite, naming `name`.
     """
-    if isinstance(scale, numbers.Number):
+    if isinstance(scale, numbers.Number) and not isinstance(scale, bool):
+        if not math.isfinite(float(scale)):
+            raise InputError(f"{name} must be a finite number, got {scale!r}")
         return float(scale)
     t = scale if isinstance(scale, Tensor) else _as_float_tensor(scale, name)
+    if not bool(torch.isfinite(t.detach()).all()):
+        raise InputError(f"{name} holds NaN or infinite values; give finite numbers")
     if t.ndim > 1 or t.numel() not in (1, batch):
         raise InputError(
             f"{name} must be a number, or a tensor of shape [{batch}] (one per sample); got shape {list(t.shape)}"

@@ -6,6 +6,9 @@
 - `guidance`   what the denoiser sees (`Conditioning`, `Control`), ControlNet residuals and
                classifier-free guidance
 - `latents`    where denoising starts (noise, img2img, inpainting)
+- `compat`     what makes it a diffusers pipeline like the others (`DiffusersNativeMixin`), from:
+  `lora` (diffusers' LoRA loader), `saving` (`save_pretrained` / `from_pretrained` with the adapter),
+  `memory` (VAE slicing / tiling; options that would replace the identity attention are refused)
 
 The records (dataclasses with named fields, instead of positional tuples):
 

@@ -109,6 +109,8 @@ def _split_identities(face_embedding) -> list:
 def _as_float_tensor(x) -> Tensor:
     if isinstance(x, Tensor):
         return x.detach().float().cpu()
+    if hasattr(x, "embedding") and hasattr(x, "kps"):
+        raise InputError("face_embedding got a whole face (a `Face`); pass its vector: face.embedding")
     try:
         return torch.as_tensor(np.asarray(x, dtype=np.float32))
     except (TypeError, ValueError) as e:
@@ -129,7 +131,10 @@ def _check_dim(got: int, dim: int) -> None:
     if got == dim:
         return
     hint = "use embeddings from the face model this adapter was trained with"
-    if got == 128 and dim == 512:
+    if dim == 64:
+        hint = ("the miniature's adapter takes the miniature's own 64-d embeddings: "
+                "get_face_analyzer(\"miniature\").get_face(image).embedding")
+    elif got == 128 and dim == 512:
         hint = ("128-d vectors come from dlib; the InstantID adapter was trained on insightface antelopev2 "
                 "(512-d, raw `embedding`): use the insightface backend")
     raise InputError(f"the face embedding is {got}-d but the adapter's Resampler takes {dim}-d embeddings: {hint}.")
@@ -234,15 +239,27 @@ def as_sample_scale(scale, n_prompts: int, n_per_prompt: int, name: str = "scale
     :param scale: a number; or one per prompt (length n_prompts, repeated for each image of the
         prompt); or one per generated image (length n_prompts * n_per_prompt, prompt-major).
     :param name: the argument's name, for the error message.
+    :raises InputError: not numbers, not finite, or another length (naming `name`).
     """
+    batch = n_prompts * n_per_prompt
     if isinstance(scale, numbers.Number):
-        return float(scale)
-    t = torch.as_tensor(scale, dtype=torch.float32).detach().cpu().flatten()
+        return per_sample_scale(scale, batch, name=name)
+    t = _scale_tensor(scale, name)                                # [k]
     if t.numel() == 1:
-        return float(t)
+        return per_sample_scale(float(t[0]), batch, name=name)
     if t.numel() == n_prompts and n_per_prompt > 1:
         t = t.repeat_interleave(n_per_prompt)                      # [B] -> [B * n]
-    return per_sample_scale(t, n_prompts * n_per_prompt, name=name)
+    return per_sample_scale(t, batch, name=name)
+
+
+def _scale_tensor(scale, name: str) -> Tensor:
+    """A scale given as a list / array / tensor -> a flat float tensor on the CPU (InputError if it is not numbers)."""
+    try:
+        t = torch.as_tensor(scale.detach().cpu() if isinstance(scale, Tensor) else np.asarray(scale, np.float32),
+                            dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(f"{name} must be a number or a list / tensor of numbers, got {type(scale).__name__}") from e
+    return t.flatten()
 
 
 # ----------------------------------------------------------------------------- ControlNets

@@ -17,17 +17,13 @@ IdentityNet (no `load_adapter`, `controlnet=None`, no face embedding) it is the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
-import numpy as np
-import PIL.Image
 import torch
 from torch import Tensor
 
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils import BaseOutput
 
 from ..adapter import Resampler
 from ..errors import InputError
@@ -37,18 +33,13 @@ from .guidance import (Conditioning, Control, control_residuals, guide, negative
                        same_for_both, with_uncond)
 from .inputs import (as_controlnets, as_reference_sets, as_image_batch, as_mask_batch, as_negative_prompts,
                      as_prompts, as_sample_scale, identity_problems, output_size, raise_first)
+from .compat import DiffusersNativeMixin
 from .latents import LatentState, keep_known_region, random_latents, schedule, start_latents, step_kwargs
-from .records import BatchGeometry, ControlWindow, ExtraControlNet, NegativeIdentity
+from .checks import MAX_PIXELS_PER_CALL, check_arguments, check_output_size
+from .records import BatchGeometry, ControlWindow, ExtraControlNet, InstantIDPipelineOutput, NegativeIdentity
 
 
-@dataclass
-class InstantIDPipelineOutput(BaseOutput):
-    """:param images: PIL images, a numpy array [B, H, W, 3] in [0, 1], or latents [B, 4, h, w]."""
-
-    images: Union[list[PIL.Image.Image], np.ndarray, Tensor]
-
-
-class InstantIDPipeline(DiffusionPipeline):
+class InstantIDPipeline(DiffusersNativeMixin, DiffusionPipeline):
     """InstantID on a diffusers text-to-image model (SDXL, or an SD-shaped UNet with one text encoder).
 
     Constructed like `StableDiffusionXLControlNetPipeline`; `controlnet` is IdentityNet (may be None
@@ -60,6 +51,8 @@ class InstantIDPipeline(DiffusionPipeline):
         embedding (SDXL's convention; default: True when there is a second text encoder).
     """
 
+    #: the most pixels one call may generate (all images together), checked before any allocation
+    max_pixels_per_call = MAX_PIXELS_PER_CALL
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_proj->controlnet->unet->vae"
     _optional_components = ["text_encoder_2", "tokenizer_2", "controlnet", "image_proj"]
 
@@ -149,6 +142,7 @@ class InstantIDPipeline(DiffusionPipeline):
         :param callback_on_step_end: `f(pipe, step, t, {"latents": ...}) -> dict`; a returned "latents" replaces them.
         :return: `InstantIDPipelineOutput` (or a tuple with the images when `return_dict` is False).
         """
+        check_arguments(locals())
         prompts = as_prompts(prompt)
         height, width = self.default_size(keypoint_image, height, width)
         geometry = BatchGeometry(len(prompts), num_images_per_prompt, height, width, guided=guidance_scale > 1.0)
@@ -180,6 +174,7 @@ class InstantIDPipeline(DiffusionPipeline):
                      image=None, mask_image=None) -> None:
         """Raise `InputError` (saying what to do) for arguments that cannot work together."""
         f = self.vae_scale_factor
+        check_output_size(geometry.height, geometry.width, geometry.batch, self.max_pixels_per_call)
         parts = identity_problems(self.image_proj is not None, self.controlnet is not None, face_embedding is not None,
                                   keypoint_image is not None)
         raise_first(parts + [

@@ -17,6 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
+import numpy as np
+import PIL.Image
+from diffusers.utils import BaseOutput
 from torch import Tensor, nn
 
 from ..errors import InputError
@@ -102,3 +105,10 @@ class ExtraControlNet:
     image: Any
     scale: Union[float, Sequence[float], Tensor] = 0.4
     window: ControlWindow = ControlWindow()
+
+
+@dataclass
+class InstantIDPipelineOutput(BaseOutput):
+    """What the pipeline returns. :param images: PIL images, a numpy array [B, H, W, 3] in [0, 1], or latents [B, 4, h, w]."""
+
+    images: Union[list[PIL.Image.Image], np.ndarray, Tensor]
