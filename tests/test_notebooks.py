@@ -22,6 +22,9 @@ def test_notebook_runs_in_ci_mode_and_saves_figures(path, tmp_path):
     assert result.figures, f"{path.name} saved no figure with viz.save_figure"
     assert all(f.stat().st_size > 1000 for f in result.figures)
     assert result.html is not None and result.html.stat().st_size > 0
+    if path.stem == "08_playground":  # widgets cannot run in the exported page: it ends on the panel's picture
+        displays = [o for o in outputs if "data" in o]
+        assert "image/png" in displays[-1]["data"] and "data:image/png" in result.html.read_text()
 
 
 def test_committed_notebooks_have_no_outputs_and_a_parameters_cell():
@@ -64,6 +67,10 @@ def test_runner_injects_ci_saves_figures_and_reports_a_failing_notebook(tmp_path
     report = capsys.readouterr().out
     assert "01_ok" in report and "02_broken" in report and "FAILED" in report and "cell exploded" in report
     assert not (out / "scratch.ipynb").exists()
+
+    page = (out / "index.html").read_text()  # the report keeps both partial runs
+    assert 'href="01_ok.html"' in page and '<img src="01_ok/bars.png"' in page
+    assert "02_broken" in page and "FAILED" in page and "cell exploded" in page
 
 
 def test_runner_selection(tmp_path):
@@ -132,3 +139,32 @@ def test_draw_faces_and_zoom(make_face):
     assert tuple(drawn[30, 100]) == (0, 255, 0)  # top edge of the box
     assert viz.zoom(photo, face.bbox, margin=0.1).size == (120, 120)
     assert viz.zoom(photo, face.bbox, margin=1.0).size == (200, 160)  # clipped to the image
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def test_report_lists_every_run_links_relative_paths_and_loads_nothing_from_outside(tmp_path):
+    from PIL import Image
+
+    from instantid_lab.notebooks import NotebookResult, write_report
+
+    out = tmp_path / "out"
+    (out / "01_a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(out / "01_a" / "sweep grid.png")
+    for name in ("01_a", "02_b", "03_gone"):
+        (out / f"{name}.ipynb").write_text("{}")
+    (out / "01_a.html").write_text("<html></html>")
+    figure = out / "01_a" / "sweep grid.png"
+    first = [NotebookResult("01_a", True, 3.14, out / "01_a.ipynb", [figure], out / "01_a.html"),
+             NotebookResult("03_gone", True, 1.0, out / "03_gone.ipynb")]
+    write_report(first, out)
+    (out / "03_gone.ipynb").unlink()  # a notebook removed since: its row goes
+    page = write_report([NotebookResult("02_b", False, 2.0, out / "02_b.ipynb", error="ValueError: <bad>")], out)
+    text = page.read_text()
+    assert page == out / "index.html"
+    assert text.index("01_a") < text.index("02_b") and "03_gone" not in text
+    assert '<img src="01_a/sweep%20grid.png"' in text and 'href="01_a.html"' in text
+    assert "3.1" in text and "ValueError: &lt;bad&gt;" in text
+    assert "<script" not in text and "<link" not in text and "http" not in text
+    assert [r["name"] for r in json.loads((out / "summary.json").read_text())] == ["01_a", "02_b"]

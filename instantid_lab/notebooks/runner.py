@@ -1,4 +1,4 @@
-"""Execute the numbered notebooks headless, as `make run` does.
+"""Execute the numbered notebooks headless, as `make run` does, and write the report.
 
     python -m instantid_lab.notebooks --out outputs [--ci] [--only 01 03]
 
@@ -10,8 +10,9 @@ Every `notebooks/[0-9][0-9]_*.ipynb` runs with papermill (kernel `python3`), wit
 - `<out>/NN_name/*.png`   its figures: the runner points $INSTANTID_LAB_FIGURES at this
   folder and the notebook calls `viz.save_figure(fig, name)`
 
-A summary with the time per notebook is printed at the end; the exit status is 1 if any
-notebook failed, so CI can run this directly.
+At the end it prints a summary with the time per notebook and writes `<out>/index.html`, the
+report (`report.write_report`: every notebook's figures and the summary table, readable offline).
+The exit status is 1 if any notebook failed, so CI can run this directly.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from jupyter_client.manager import KernelManager
 from tqdm.auto import tqdm
 from traitlets import CaselessStrEnum
 
-from .viz import FIGURES_ENV
+from ..viz import FIGURES_ENV
+from .report import write_report
 
 #: The repository's notebooks folder.
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 NOTEBOOK_PATTERN = "[0-9][0-9]_*.ipynb"
 #: Figures display inline in the executed notebooks even if the caller set another backend (tests use Agg).
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
@@ -88,7 +90,7 @@ def run_notebook(path: Path, out_dir: Path, ci: bool = False, kernel: str = "pyt
             papermill.execute_notebook(
                 str(path), str(output), parameters={"CI": ci}, kernel_name=kernel,
                 cwd=str(path.parent), progress_bar=False, log_output=False,
-                kernel_manager_class="instantid_lab.notebooks.LocalKernelManager",
+                kernel_manager_class="instantid_lab.notebooks.runner.LocalKernelManager",
             )
     finally:
         page = export_html(output) if html else None
@@ -151,7 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results = run_all(paths, args.out, ci=args.ci, kernel=args.kernel)
     print(summary(results))
-    print(f"executed notebooks, HTML and figures are in {args.out.resolve()}")
+    report = write_report(results, args.out)
+    print(f"executed notebooks, HTML and figures are in {args.out.resolve()}; the report: {report.resolve()}")
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -192,7 +195,3 @@ def _short_error(error: Exception) -> str:
     text = str(error).strip() or type(error).__name__
     lines = [line for line in text.splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[-1] if lines else text}"[:300]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

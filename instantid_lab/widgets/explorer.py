@@ -20,14 +20,14 @@ import ipywidgets as widgets
 import numpy as np
 from PIL import Image
 
-from .embeddings import DLIB_SAME_PERSON_DISTANCE, metric_for, nearest
-from .errors import InputError
-from .images import load_image
-from .keypoints import draw_kps
-from .viz import draw_faces, png_bytes
+from ..embeddings import DLIB_SAME_PERSON_DISTANCE, metric_for, nearest
+from ..errors import InputError
+from ..images import load_image
+from ..keypoints import draw_kps
+from ..viz import draw_faces, png_bytes
 
 if TYPE_CHECKING:
-    from .data import Photo
+    from ..data import Photo
 
 
 @dataclass(frozen=True)
@@ -200,11 +200,11 @@ def identity_explorer(photos: Optional[Sequence[PhotoLike]] = None, analyzer=Non
     """An `IdentityExplorer` on `photos` (default: all bundled photos) with `analyzer`
     (default: `face_analysis.get_face_analyzer()`). Keyword arguments go to `IdentityExplorer`."""
     if photos is None:
-        from .data import face_photos
+        from ..data import face_photos
 
         photos = face_photos()
     if analyzer is None:
-        from .face_analysis import get_face_analyzer
+        from ..face_analysis import get_face_analyzer
 
         analyzer = get_face_analyzer()
     return IdentityExplorer(photos, analyzer, **kwargs)
