@@ -197,7 +197,7 @@ def toy_problem():
     x = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
     y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
 
-    def loss_fn(generator, device):
+    def loss_fn(generator, shard):
         index = torch.randint(len(x), (8,), generator=generator)
         return F.mse_loss(model(x[index]), y[index])
 

@@ -49,7 +49,7 @@ def test_training_loop_lowers_the_reconstruction_loss(tmp_path):
     with torch.no_grad():
         before = float(reconstruction_loss(vae, images, 0.0, torch.Generator().manual_seed(1)))
     settings = LoopSettings(steps=25, lr=5e-3, checkpoint_every=100)
-    train_loop("ae", vae, lambda g, device: reconstruction_loss(vae, images, 0.0, g), settings, tmp_path, progress=False)
+    train_loop("ae", vae, lambda g, shard: reconstruction_loss(vae, images, 0.0, g, shard), settings, tmp_path, progress=False)
     with torch.no_grad():
         after = float(reconstruction_loss(vae, images, 0.0, torch.Generator().manual_seed(1)))
     assert after < 0.7 * before

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ModelFilesMissingError
+from .objective import Shard
 
 
 @dataclass(frozen=True)
@@ -71,13 +72,17 @@ def build_autoencoder(config: AutoencoderConfig, seed: int = 0):
     )
 
 
-def reconstruction_loss(vae, images: Tensor, kl_weight: float, generator=None) -> Tensor:
+def reconstruction_loss(vae, images: Tensor, kl_weight: float, generator=None, shard: Shard = Shard()) -> Tensor:
     """L1 + MSE reconstruction of a posterior sample, plus `kl_weight` * KL (mean per element).
 
-    :param images: shape [B, 3, H, W] in [-1, 1]
+    :param images: the global batch, shape [B, 3, H, W] in [-1, 1]; this process scores its `shard`.
     """
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    b, _, h, w = images.shape
+    noise = torch.randn((b, vae.config.latent_channels, h // f, w // f), generator=generator)  # the whole batch's
+    images = shard.take(images)
     posterior = vae.encode(images).latent_dist
-    recon = vae.decode(posterior.sample(generator)).sample  # [B, 3, H, W]
+    recon = vae.decode(posterior.mean + posterior.std * shard.take(noise)).sample  # [b, 3, H, W]
     kl = posterior.kl().mean() / images[0].numel()
     return F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * kl
 

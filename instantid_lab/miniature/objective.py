@@ -13,6 +13,11 @@ is the pipeline without adapter and IdentityNet, InstantID the pipeline with the
 Classifier-free guidance needs the model to know "no caption" and "no identity": a training batch
 replaces a caption by the empty prompt (`drop_captions`) and an identity embedding by the zero
 vector, the pipeline's negative identity (`drop_identities`), each with a small probability.
+
+Data-parallel training (several processes, `accelerate launch`): every process draws the same
+*global* batch, dropout, noise and timesteps with the same generator, then computes the loss on its
+own equal part (`Shard`); the gradients are averaged across processes, so one step equals one process
+on the whole batch.
 """
 
 from __future__ import annotations
@@ -23,6 +28,29 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a global batch: the `index`-th of `count` equal chunks, on `device`.
+
+    The default (one process) takes the whole batch, unchanged.
+    """
+
+    index: int = 0
+    count: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def take(self, x: Optional[Tensor]) -> Optional[Tensor]:
+        """Rows of this shard of `x` [B, ...] (B divisible by `count`), on the shard's device."""
+        if x is None:
+            return None
+        if len(x) % self.count:
+            raise InputError(f"a batch of {len(x)} does not split into {self.count} equal parts: make the batch size "
+                             f"a multiple of the number of processes ({self.count})")
+        return (x if self.count == 1 else x.chunk(self.count)[self.index]).to(self.device)
 
 
 @dataclass(frozen=True)
@@ -96,26 +124,31 @@ def min_snr_v_loss(v_pred: Tensor, v_target: Tensor, snr: Tensor, gamma: float =
 
 
 def diffusion_loss(predict: Callable[[Tensor, Tensor], Tensor], scheduler, latents: Tensor,
-                   generator: torch.Generator, gamma: float = 5.0) -> Tensor:
+                   generator: torch.Generator, gamma: float = 5.0, shard: Shard = Shard()) -> Tensor:
     """Noise `latents` [B, 4, h, w] at random timesteps and score `predict(x_t, t)` with `min_snr_v_loss`.
 
-    Noise and timesteps are drawn on the CPU with `generator` (the same numbers on every device).
+    Noise and timesteps are drawn on the CPU with `generator` for the whole (global) batch, then this
+    process's `shard` of it is scored (the same numbers on every device and process count).
     """
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    noise = shard.take(torch.randn(latents.shape, generator=generator))
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
-    alpha_bar = scheduler.alphas_cumprod[t].to(latents.device)  # [B]
-    t = t.to(latents.device)
+    alpha_bar = shard.take(scheduler.alphas_cumprod[t])  # [b]
+    t, latents = shard.take(t), shard.take(latents)
     noisy = scheduler.add_noise(latents, noise, t)
     target = scheduler.get_velocity(latents, noise, t)
     return min_snr_v_loss(predict(noisy, t), target, alpha_bar / (1 - alpha_bar), gamma)
 
 
-def denoising_loss(pipe, batch: TrainingBatch, scheduler, generator: torch.Generator, gamma: float = 5.0) -> Tensor:
+def denoising_loss(pipe, batch: TrainingBatch, scheduler, generator: torch.Generator, gamma: float = 5.0,
+                   shard: Shard = Shard()) -> Tensor:
     """The objective of `pipe` (an `InstantIDPipeline`, with or without adapter and IdentityNet) on `batch`.
 
+    :param batch: the global batch (already dropped); this process scores its `shard` of it.
     :param scheduler: the training (forward-process) scheduler, e.g. `base.training_scheduler()`.
     """
-    text = pipe.text_encoder(batch.ids).last_hidden_state  # [B, L, C]
-    kps = None if batch.kps_images is None else batch.kps_images.float() / 255  # [B, 3, H, W] in [0, 1]
-    cond = pipe.tensor_conditioning(text, batch.embeds, kps)
-    return diffusion_loss(lambda x, t: pipe.predict_noise(x, t, cond), scheduler, batch.latents, generator, gamma)
+    text = pipe.text_encoder(shard.take(batch.ids)).last_hidden_state  # [b, L, C]
+    kps = shard.take(batch.kps_images)
+    kps = None if kps is None else kps.float() / 255  # [b, 3, H, W] in [0, 1]
+    cond = pipe.tensor_conditioning(text, shard.take(batch.embeds), kps)
+    return diffusion_loss(lambda x, t: pipe.predict_noise(x, t, cond), scheduler, batch.latents, generator, gamma,
+                          shard)

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from ..autoencoder import AutoencoderConfig, build_autoencoder, latent_std, psnr, reconstruction_loss, save_vae
+from ..objective import Shard
 from ..world import HELDOUT_IDS, TRAIN_IDS
 from .data import render_images
-from .loop import LoopSettings, LoopState, train_loop
-from .report import loss_summary, unfinished, write_report
+from .loop import LoopSettings, LoopState, is_main_process, train_loop
+from .report import follower, loss_summary, unfinished, write_report
 
 
 def train_autoencoder(config: AutoencoderConfig, out: Path, stop_after: Optional[int] = None,
@@ -31,9 +32,9 @@ def train_autoencoder(config: AutoencoderConfig, out: Path, stop_after: Optional
     images = render_images(TRAIN_IDS, config.train_images, seed=1)
     vae = build_autoencoder(config)
 
-    def loss_fn(generator: torch.Generator, device) -> torch.Tensor:
+    def loss_fn(generator: torch.Generator, shard: Shard) -> torch.Tensor:
         index = torch.randint(len(images), (config.batch_size,), generator=generator)
-        return reconstruction_loss(vae, images[index].to(device), config.kl_weight, generator)
+        return reconstruction_loss(vae, images[index], config.kl_weight, generator, shard)
 
     settings = LoopSettings(config.steps, config.lr, warmup=config.steps // 20, weight_decay=1e-4,
                             checkpoint_every=config.checkpoint_every)
@@ -46,6 +47,8 @@ def train_autoencoder(config: AutoencoderConfig, out: Path, stop_after: Optional
     decoder = finetune_decoder(vae, config, out, progress=progress)
     if not decoder.finished:
         return unfinished(decoder)
+    if not is_main_process():
+        return follower(decoder)
     save_vae(vae, out)
     return write_report(out, "autoencoder", {
         "config": asdict(config), "steps": joint.step, "train_seconds": round(joint.seconds, 1),
@@ -65,10 +68,10 @@ def finetune_decoder(vae, config: AutoencoderConfig, out: Path, progress: bool =
     vae.decoder.requires_grad_(True)
     vae.post_quant_conv.requires_grad_(True)
 
-    def loss_fn(generator: torch.Generator, device) -> torch.Tensor:
+    def loss_fn(generator: torch.Generator, shard: Shard) -> torch.Tensor:
         index = torch.randint(len(images), (config.decoder_batch_size,), generator=generator)
-        recon = vae.decode(means[index].to(device)).sample
-        return F.l1_loss(recon, images[index].to(device)) + F.mse_loss(recon, images[index].to(device))
+        recon, target = vae.decode(shard.take(means[index])).sample, shard.take(images[index])
+        return F.l1_loss(recon, target) + F.mse_loss(recon, target)
 
     settings = LoopSettings(config.decoder_steps, config.decoder_lr, warmup=min(50, config.decoder_steps // 10),
                             weight_decay=1e-4, checkpoint_every=config.checkpoint_every)

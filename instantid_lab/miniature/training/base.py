@@ -21,11 +21,11 @@ from ..autoencoder import load_vae
 from ..base import (BaseConfig, build_text_encoder, build_unet, caption_tokenizer, sampling_scheduler, save_base,
                     tokenize, training_scheduler)
 from ..evaluate import background_of
-from ..objective import denoising_loss, drop_conditions
+from ..objective import Shard, denoising_loss, drop_conditions
 from ..world import Caption
 from .data import cached, caption_batch
-from .loop import LoopSettings, train_loop
-from .report import loss_summary, unfinished, write_report
+from .loop import LoopSettings, is_main_process, train_loop, training_device
+from .report import follower, loss_summary, unfinished, write_report
 
 
 def train_base(config: BaseConfig, out: Path, stop_after: Optional[int] = None, progress: bool = True) -> dict:
@@ -36,20 +36,22 @@ def train_base(config: BaseConfig, out: Path, stop_after: Optional[int] = None, 
     vae, tokenizer = load_vae(out), caption_tokenizer(config.max_length)
     data = cached(Path(out) / "base_data.pt", lambda: caption_batch(vae, tokenizer, config.train_images, seed=3)[0])
     pipe = InstantIDPipeline(vae, build_text_encoder(config, tokenizer), None, tokenizer, None, build_unet(config),
-                             None, sampling_scheduler())
+                             None, sampling_scheduler()).to(training_device())
     model = nn.ModuleDict({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
     scheduler, empty = training_scheduler(), tokenize(tokenizer, [""])[0]
 
-    def loss_fn(generator: torch.Generator, device) -> torch.Tensor:
+    def loss_fn(generator: torch.Generator, shard: Shard) -> torch.Tensor:
         index = torch.randint(len(data), (config.batch_size,), generator=generator)
-        batch = drop_conditions(data.rows(index).to(device), empty, config.caption_dropout, 0.0, generator)
-        return denoising_loss(pipe, batch, scheduler, generator, config.min_snr_gamma)
+        batch = drop_conditions(data.rows(index), empty, config.caption_dropout, 0.0, generator)
+        return denoising_loss(pipe, batch, scheduler, generator, config.min_snr_gamma, shard)
 
     settings = LoopSettings(config.steps, config.lr, config.warmup, ema_decay=config.ema_decay,
                             checkpoint_every=config.checkpoint_every)
     state = train_loop("base", model, loss_fn, settings, out, stop_after=stop_after, progress=progress)
     if not state.finished:
         return unfinished(state)
+    if not is_main_process():
+        return follower(state)
     state.ema.copy_to([p for p in model.parameters() if p.requires_grad])  # the EMA weights are what ships
     save_base(pipe, out)
     return write_report(out, "base", {

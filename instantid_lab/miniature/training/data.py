@@ -6,6 +6,7 @@ not); the generative stages cache theirs in the output folder, so a resumed run 
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,7 +20,16 @@ from ..base import tokenize
 from ..instantid import keypoint_tensor
 from ..objective import TrainingBatch
 from ..recognizer import embed_images
-from ..world import HELDOUT_IDS, TRAIN_IDS, Caption, Pose, images_to_tensor, random_samples, render_id
+from ..world import (
+    HELDOUT_IDS,
+    TRAIN_IDS,
+    Caption,
+    Pose,
+    images_to_tensor,
+    random_samples,
+    render_id,
+)
+from .loop import is_main_process
 
 
 def render_images(identity_ids: Sequence[int], n: int, seed: int) -> torch.Tensor:
@@ -64,7 +74,10 @@ def cached(path: Path, build: Callable[[], TrainingBatch]) -> TrainingBatch:
             raise CheckpointError(f"cannot read the cached training data {path} ({type(error).__name__}): delete "
                                   "it and run again to render it afresh; nothing was changed.") from error
         return TrainingBatch(**{f.name: saved.get(f.name) for f in fields(TrainingBatch)})
-    batch = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(batch.as_dict(), path)
+    batch = build()  # every process renders the same data; the main one keeps it
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(batch.as_dict(), tmp)
+        os.replace(tmp, path)  # atomic: an interruption never leaves half a file
     return batch

@@ -18,8 +18,9 @@ from torch import Tensor
 
 from ..evaluate import caption_accuracy, keypoint_distances
 from ..inspector import ATTRIBUTES, FaceInspector, InspectorConfig, inspect, save_inspector
+from ..objective import Shard
 from ..world import HELDOUT_IDS, TRAIN_IDS, images_to_tensor, random_samples
-from .loop import LoopSettings, train_loop
+from .loop import LoopSettings, is_main_process, train_loop
 from .report import loss_summary, write_report
 
 
@@ -44,10 +45,10 @@ def train_inspector(config: InspectorConfig, progress: bool = True) -> tuple[Fac
     torch.manual_seed(config.seed)
     model = FaceInspector(config)
 
-    def loss_fn(generator: torch.Generator, device) -> Tensor:
+    def loss_fn(generator: torch.Generator, shard: Shard) -> Tensor:
         index = torch.randint(len(images), (config.batch_size,), generator=generator)
-        batch = {k: v[index].to(device) for k, v in targets.items()}
-        return inspector_loss(model(images[index].to(device)), batch, config.image_size)
+        batch = {k: shard.take(v[index]) for k, v in targets.items()}
+        return inspector_loss(model(shard.take(images[index])), batch, config.image_size)
 
     settings = LoopSettings(config.steps, config.lr, weight_decay=1e-4, schedule="one_cycle", clip_grad_norm=None)
     state = train_loop("inspector", model, loss_fn, settings, seed=config.seed, progress=progress)
@@ -60,7 +61,8 @@ def train_inspector_stage(config: InspectorConfig, out: Path, progress: bool = T
     start = time.perf_counter()
     model, losses = train_inspector(config, progress=progress)
     seconds = time.perf_counter() - start
-    save_inspector(model, out / "inspector.safetensors")
+    if is_main_process():
+        save_inspector(model, out / "inspector.safetensors")
     held = random_samples(HELDOUT_IDS, 512, seed=3)
     read = inspect(model, images_to_tensor([s.image for s in held]))
     requested = torch.from_numpy(np.stack([s.kps for s in held]))

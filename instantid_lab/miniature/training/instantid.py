@@ -18,11 +18,11 @@ from ...images import image_sheet
 from ..base import load_base, tokenize, training_scheduler
 from ..evaluate import HeldoutTask, Judges, evaluate_ablations, generate
 from ..instantid import InstantIDConfig, InstantIDParts, load_miniature
-from ..objective import denoising_loss, drop_conditions
+from ..objective import Shard, denoising_loss, drop_conditions
 from ..recognizer import load_recognizer
 from .data import cached, identity_batch
-from .loop import LoopSettings, train_loop
-from .report import loss_summary, unfinished, write_report
+from .loop import LoopSettings, is_main_process, train_loop, training_device
+from .report import follower, loss_summary, unfinished, write_report
 
 CONDITIONER, EVALUATOR = "recognizer_conditioner.safetensors", "recognizer_evaluator.safetensors"
 
@@ -39,7 +39,7 @@ def train_instantid(config: InstantIDConfig, out: Path, stop_after: Optional[int
     """
     base_dir = Path(base_dir) if base_dir is not None else Path(out)
     Path(out).mkdir(parents=True, exist_ok=True)
-    base = load_base(base_dir)
+    base = load_base(base_dir).to(training_device())
     conditioner = load_recognizer(base_dir / CONDITIONER)
     data = cached(Path(out) / "instantid_data.pt",
                   lambda: identity_batch(base.vae, base.tokenizer, conditioner, config.train_images, seed=4))
@@ -51,6 +51,8 @@ def train_instantid(config: InstantIDConfig, out: Path, stop_after: Optional[int
                        progress=progress, on_checkpoint=on_checkpoint)
     if not state.finished:
         return unfinished(state)
+    if not is_main_process():
+        return follower(state)
     parts.save(out)
     return write_report(out, "instantid", {
         "config": asdict(config), "steps": state.step, "train_seconds": round(state.seconds, 1),
@@ -64,11 +66,10 @@ def instantid_loss(pipe, data, config: InstantIDConfig) -> Callable:
     captions and identities dropped (`config.caption_dropout`, `config.identity_dropout`)."""
     scheduler, empty = training_scheduler(), tokenize(pipe.tokenizer, [""])[0]
 
-    def loss_fn(generator: torch.Generator, device) -> torch.Tensor:
+    def loss_fn(generator: torch.Generator, shard: Shard) -> torch.Tensor:
         index = torch.randint(len(data), (config.batch_size,), generator=generator)
-        batch = drop_conditions(data.rows(index).to(device), empty, config.caption_dropout, config.identity_dropout,
-                                generator)
-        return denoising_loss(pipe, batch, scheduler, generator, config.min_snr_gamma)
+        batch = drop_conditions(data.rows(index), empty, config.caption_dropout, config.identity_dropout, generator)
+        return denoising_loss(pipe, batch, scheduler, generator, config.min_snr_gamma, shard)
 
     return loss_fn
 

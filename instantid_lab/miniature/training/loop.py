@@ -1,9 +1,15 @@
 """The one training loop every miniature stage runs: recognisers, inspector, autoencoder, base, InstantID.
 
-`train_loop` minimises `loss_fn(generator, device)` over a model's trainable parameters with AdamW,
-through `accelerate.Accelerator` (device placement, mixed precision, gradient synchronisation when
-launched on several processes), optionally keeping an exponential moving average of the weights
-(diffusers' `EMAModel`). Two learning-rate schedules:
+`train_loop` minimises `loss_fn(generator, shard)` over a model's trainable parameters with AdamW,
+through `accelerate.Accelerator` (device placement, mixed precision, and the processes of
+`accelerate launch --num_processes N`), optionally keeping an exponential moving average of the
+weights (diffusers' `EMAModel`).
+
+Several processes (data parallel): each draws the same global batch with the same generator and
+scores its `objective.Shard` of it; after the backward pass the gradients are averaged across the
+processes (`accelerator.reduce`), so every process takes the same step as one process on the whole
+batch would (stages with BatchNorm, the recognisers and the inspector, normalise over each shard:
+close, not equal). The main process alone scores, checkpoints and writes. Two learning-rate schedules:
 
 - "cosine" (the generative stages): lr * (step + 1) / warmup during warmup, then a cosine from lr
   down to lr * final_lr_fraction (`learning_rate`);
@@ -29,9 +35,32 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...errors import CheckpointError
+from ..objective import Shard
 
-#: loss_fn(generator, device) -> scalar loss: draws its batch with `generator`, puts it on `device`.
-LossFn = Callable[[torch.Generator, torch.device], torch.Tensor]
+#: loss_fn(generator, shard) -> scalar loss: draws the global batch with `generator`, scores `shard.take(...)` of it.
+LossFn = Callable[[torch.Generator, Shard], torch.Tensor]
+
+
+def process_state():
+    """accelerate's view of the processes (one, or those `accelerate launch` / `torchrun` started).
+
+    On a machine without a GPU the processes are CPU processes talking through gloo: launch them with
+    `torchrun --nproc_per_node N -m instantid_lab.miniature.train ...` (accelerate's own CPU launcher
+    needs MPI); on GPUs, `accelerate launch --multi_gpu --num_processes N -m ...`.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that writes (the only one without a launcher)."""
+    return process_state().is_main_process
+
+
+def training_device() -> torch.device:
+    """The device this process trains on (a GPU when there is one, else the CPU)."""
+    return process_state().device
 
 
 @dataclass(frozen=True)
@@ -113,8 +142,9 @@ def train_loop(name: str, model: nn.Module, loss_fn: LossFn, s: LoopSettings, ou
                on_checkpoint: Optional[Callable[[int], dict]] = None) -> LoopState:
     """Minimise `loss_fn` over `model`'s trainable parameters; resume from `out` if a checkpoint exists.
 
-    :param loss_fn: `loss_fn(generator, device)`: draws its batch with the generator (whose state is
-        checkpointed, so a resumed run sees the batches an uninterrupted one would) and returns a scalar.
+    :param loss_fn: `loss_fn(generator, shard)`: draws the global batch with the generator (whose state is
+        checkpointed, so a resumed run sees the batches an uninterrupted one would) and returns the loss
+        of this process's `shard` of it (`objective.Shard`: its part, on its device).
     :param out: folder for the checkpoint (None: no checkpoint, no resume).
     :param stop_after: stop (after checkpointing) once this many steps are done, as an interruption would.
     :param on_checkpoint: called with the step number at step 0 and at every checkpoint (model in eval
@@ -122,9 +152,10 @@ def train_loop(name: str, model: nn.Module, loss_fn: LossFn, s: LoopSettings, ou
     """
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=s.mixed_precision)
-    params = [p for p in model.parameters() if p.requires_grad]
-    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay))
+    process_state()  # the processes' state first, with the CPU flag every later query uses
+    accelerator = Accelerator(mixed_precision=s.mixed_precision, cpu=not torch.cuda.is_available())
+    params = [p for p in model.to(accelerator.device).parameters() if p.requires_grad]
+    optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay))
     run = _Run(name, model, optimizer, s, accelerator, out, seed, on_checkpoint)
     end = s.steps if stop_after is None else min(s.steps, stop_after)
     run.evaluate_at_start()
@@ -147,6 +178,7 @@ class _Run:
         self.path = None if out is None else checkpoint_path(out, name)
         self.on_checkpoint, self.generator = on_checkpoint, torch.Generator().manual_seed(seed)
         self.schedule = _one_cycle(optimizer, s) if s.schedule == "one_cycle" else None
+        self.shard = Shard(accelerator.process_index, accelerator.num_processes, accelerator.device)
         self.state = LoopState(ema=_ema(self.params, s))
         if self.path is not None and self.path.exists():
             self._resume()
@@ -157,9 +189,10 @@ class _Run:
         if self.schedule is None:
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(step, self.s)
-        loss = loss_fn(self.generator, self.accelerator.device)
+        loss = loss_fn(self.generator, self.shard)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
+        self._average_over_processes()
         if self.s.clip_grad_norm is not None:
             self.accelerator.clip_grad_norm_(self.params, self.s.clip_grad_norm)
         self.optimizer.step()
@@ -167,21 +200,32 @@ class _Run:
             self.schedule.step()
         if self.state.ema is not None:
             self.state.ema.step(self.params)
-        self.state.losses.append(loss.item())
+        self.state.losses.append(self._mean_over_processes(loss.detach()).item())
         self.state.step = step + 1
 
+    def _average_over_processes(self) -> None:
+        """Data parallel: every gradient becomes its mean over the processes (nothing to do for one)."""
+        if self.shard.count > 1:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+
+    def _mean_over_processes(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.shard.count == 1 else self.accelerator.reduce(x, reduction="mean")
+
     def evaluate_at_start(self) -> None:
-        if self.on_checkpoint is not None and self.state.step == 0:
+        if self.on_checkpoint is not None and self.state.step == 0 and is_main_process():
             self.state.evals.append({"step": 0, **self._evaluate(0)})
 
     def checkpoint(self) -> None:
         """Add the elapsed time, score (`on_checkpoint`) and save; the scoring time is not counted."""
         self.state.seconds += time.perf_counter() - self.started
-        if self.on_checkpoint is not None:
+        if self.on_checkpoint is not None and is_main_process():
             self.state.evals.append({"step": self.state.step, **self._evaluate(self.state.step)})
         self.started = time.perf_counter()
-        if self.path is not None:
+        if self.path is not None and is_main_process():
             self._save()
+        self.accelerator.wait_for_everyone()
 
     def _evaluate(self, step: int) -> dict:
         self.model.eval()

@@ -18,8 +18,9 @@ from torch import nn
 
 from ..recognizer import (FaceRecognizer, RecognizerConfig, arcface_logits, config_dict, embed_images, save_recognizer,
                           verification_scores)
+from ..objective import Shard
 from .data import labelled_renders
-from .loop import LoopSettings, train_loop
+from .loop import LoopSettings, is_main_process, train_loop
 from .report import write_report
 
 
@@ -63,9 +64,9 @@ def train_recognizer(config: RecognizerConfig, images: torch.Tensor, labels: tor
     torch.manual_seed(config.seed)
     model = ArcFaceTraining(FaceRecognizer(config), int(labels.max()) + 1)
 
-    def loss_fn(generator: torch.Generator, device) -> torch.Tensor:
+    def loss_fn(generator: torch.Generator, shard: Shard) -> torch.Tensor:
         index = torch.randint(len(labels), (batch_size,), generator=generator)
-        return model.loss(images[index].to(device), labels[index].to(device))
+        return model.loss(shard.take(images[index]), shard.take(labels[index]))
 
     settings = LoopSettings(steps, lr, weight_decay=1e-4, schedule="one_cycle", clip_grad_norm=None)
     state = train_loop("recognizer", model, loss_fn, settings, seed=config.seed, progress=progress)
@@ -82,7 +83,8 @@ def train_recognizers(preset: RecognizerPreset, out: Path, progress: bool = True
         start = time.perf_counter()
         model, losses = train_recognizer(config, images, labels, preset.steps, preset.batch_size, preset.lr, progress)
         seconds = time.perf_counter() - start
-        save_recognizer(model, out / f"recognizer_{role}.safetensors")
+        if is_main_process():
+            save_recognizer(model, out / f"recognizer_{role}.safetensors")
         report[role] = {"config": config_dict(config), "train_seconds": round(seconds, 1),
                         "final_loss": float(np.mean(losses[-20:])),
                         "heldout": verification_scores(embed_images(model, held_x), held_y)}

@@ -10,9 +10,17 @@ import numpy as np
 
 
 def write_report(out: Path, name: str, report: dict) -> dict:
-    """Write `out/<name>.json` and return the report."""
-    (Path(out) / f"{name}.json").write_text(json.dumps(report, indent=2))
+    """Write `out/<name>.json` (the main process only, under `accelerate launch`) and return the report."""
+    from .loop import is_main_process
+
+    if is_main_process():
+        (Path(out) / f"{name}.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def follower(state) -> dict:
+    """What a stage returns on a process other than the main one, which alone saves and scores."""
+    return {"finished": state.finished, "step": state.step, "losses": state.losses, "main_process": False}
 
 
 def loss_summary(losses: Sequence[float]) -> dict:
