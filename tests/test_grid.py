@@ -133,3 +133,21 @@ def test_an_interrupted_run_resumes_to_identical_results_without_redoing_cells(t
     assert (interrupted / "results.csv").read_bytes() == (whole / "results.csv").read_bytes()
     assert (interrupted / "plots" / "identity_vs_prompt.png").exists()
     assert (interrupted / "sheets" / "references.png").exists()
+
+
+def test_two_processes_share_the_cells_and_write_the_table_of_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2`: chunk k goes to process k mod 2; the main process merges the cache."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    grid = ["-m", "instantid_lab.experiments.grid", "--preset", "parts", "--identities", "4", "--steps", "2",
+            "--max-batch", "4"]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    for command, out in (([sys.executable], "one"), ([torchrun, "--nproc_per_node", "2"], "two")):
+        done = subprocess.run([*command, *grid, "--out", str(tmp_path / out)], capture_output=True, text=True,
+                              timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "16 cells: generated 16, reused 0" in done.stdout
+    assert (tmp_path / "one" / "results.csv").read_bytes() == (tmp_path / "two" / "results.csv").read_bytes()

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError, LabError
 from ..miniature.evaluate import ABLATIONS
+from ..miniature.training.loop import process_state
 from ..types import PathLike
 from .cells import GridTask, Models, cell_inputs, generate, score
 from .metrics import summary
@@ -260,23 +261,31 @@ def run_grid(grid: Grid, out: PathLike, models: Optional[Models] = None, max_bat
              progress: bool = True) -> GridRun:
     """Generate and score every cell not yet in `out`, then write `out/results.csv`.
 
+    Under `torchrun --nproc_per_node N` (or `accelerate launch`) the processes share the chunks (chunk k
+    goes to process k mod N), each writing its cells into the cache; the main process then assembles
+    `results.csv` from the cache, the same table one process would write.
+
     :param models: default `Models.miniature()` (loaded only when a cell needs generating).
     :raises InputError: `out` is a file, or holds another grid's results.
     """
-    out, cells = open_folder(out, grid), grid.cells()
-    todo = [chunk for chunk in plan_chunks(cells, max_batch) if not all(_done(out, c) for c in chunk)]
-    generated = 0
+    out, cells, processes = open_folder(out, grid), grid.cells(), process_state()
+    mine = plan_chunks(cells, max_batch)[processes.process_index::processes.num_processes]
+    todo = [chunk for chunk in mine if not all(_done(out, c) for c in chunk)]
+    reused = sum(_done(out, c) for c in cells)
+    processes.wait_for_everyone()  # every process counted the cache before any writes to it
     if todo:
         models = models or Models.miniature()
         task = GridTask.make(grid.identities, grid.prompts, models.conditioner, grid.task_seed)
         with tqdm(total=sum(map(len, todo)), unit="cell", disable=not progress, desc=out.name) as bar:
             for chunk in todo:
-                generated += run_chunk(models, task, chunk, out)
+                run_chunk(models, task, chunk, out)
                 bar.update(len(chunk))
+    processes.wait_for_everyone()  # every process's cells are in the cache
     table = pd.DataFrame([_row(json.loads((out / "cells" / f"{c.id}.json").read_text())) for c in cells])
-    write_atomic(out / "results.csv", table.to_csv(index=False).encode())
+    if processes.is_main_process:
+        write_atomic(out / "results.csv", table.to_csv(index=False).encode())
     table["image"] = [str(out / "images" / f"{c.id}.png") for c in cells]  # in memory only: results.csv stays portable
-    return GridRun(grid, out, table, generated, len(cells) - generated)
+    return GridRun(grid, out, table, len(cells) - reused, reused)
 
 
 def run_chunk(models: Models, task: GridTask, chunk: Sequence[Cell], out: Path) -> int:
@@ -363,6 +372,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         run = run_grid(grid, args.out, None if args.folder is None else Models.miniature(args.folder), args.max_batch)
     except LabError as error:
         parser.error(str(error))
+    if not process_state().is_main_process:
+        return  # the main process writes the plots and the summary
     from .plots import write_report  # matplotlib only for the report
 
     write_report(run)
