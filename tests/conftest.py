@@ -144,3 +144,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def kps_image():
+    """The tests' keypoint image: the tiny keypoints drawn at 64 x 64."""
+    from instantid_lab.keypoints import draw_kps
+    from instantid_lab.tiny import TINY_KPS
+
+    return draw_kps(np.array(TINY_KPS, np.float32), (64, 64))
+
+
+@pytest.fixture(scope="module")
+def emb():
+    """A tiny identity embedding (16-d, seeded)."""
+    from instantid_lab.tiny import tiny_embedding
+
+    return tiny_embedding(16, seed=1)

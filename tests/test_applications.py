@@ -4,12 +4,10 @@ equations and the regional wiring, on tiny sizes."""
 import numpy as np
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention
 from PIL import Image
 
-from attention_inputs import qkv
+from attention_inputs import identity_layer, qkv
 from instantid_lab.attention import (
-    IdentityAttnProcessor,
     RegionalIdentity,
     decoupled_cross_attention,
     regional_identity_attention,
@@ -65,12 +63,7 @@ def test_regions_must_match_the_identities():
 
 def one_layer(seed=0):
     """A cross-attention layer whose 32 queries are a 4 x 8 grid (a 2:1 wide image), and two identities."""
-    torch.manual_seed(seed)
-    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8).eval()
-    proc = IdentityAttnProcessor(16, 8)
-    torch.nn.init.normal_(proc.to_k_ip.weight)
-    torch.nn.init.normal_(proc.to_v_ip.weight)
-    x, text = torch.randn(1, 32, 16), torch.randn(1, 5, 8)
+    attn, proc, x, text = identity_layer(32, seed)
     left = torch.zeros(1, 1, 8, 16)
     left[..., :8] = 1.0                                          # left half, in a 2x finer "image" space
     return attn, proc, x, text, left, 1 - left

@@ -3,9 +3,9 @@ and agreement with diffusers' own IP-Adapter path."""
 
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
-from attention_inputs import qkv
+from attention_inputs import identity_layer, qkv
 from instantid_lab.adapter import Resampler, ResamplerConfig
 from instantid_lab.attention import (
     IdentityAttnProcessor,
@@ -81,12 +81,8 @@ def test_token_grid_follows_aspect_ratio():
 
 
 def one_layer(seed=0):
-    torch.manual_seed(seed)
-    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8).eval()
-    proc = IdentityAttnProcessor(16, 8)
-    torch.nn.init.normal_(proc.to_k_ip.weight)
-    torch.nn.init.normal_(proc.to_v_ip.weight)
-    x, text, ids = torch.randn(1, 16, 16), torch.randn(1, 5, 8), torch.randn(1, 4, 8)  # 16 queries = a 4 x 4 grid
+    attn, proc, x, text = identity_layer(16, seed)  # 16 queries = a 4 x 4 grid
+    ids = torch.randn(1, 4, 8)
     return attn, proc, x, text, ids
 
 

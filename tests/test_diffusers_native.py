@@ -18,8 +18,7 @@ from instantid_lab.errors import InputError, ModelFilesMissingError
 from instantid_lab.keypoints import draw_kps
 from instantid_lab.pipeline import InstantIDPipeline
 from instantid_lab.pipeline.lora import transformers_peft_problem
-from instantid_lab.tiny import (TINY_KPS, TINY_PROMPT, TinyConfig, tiny_adapter_state, tiny_components, tiny_embedding,
-                                tiny_pipeline)
+from instantid_lab.tiny import (TINY_KPS, TINY_PROMPT, TinyConfig, tiny_adapter_state, tiny_components, tiny_pipeline)
 
 try:  # diffusers' LoRA loading needs peft (the dev extra); only the LoRA tests do
     from peft import LoraConfig, inject_adapter_in_model
@@ -30,16 +29,6 @@ except ImportError:
 needs_peft = pytest.mark.skipif(LoraConfig is None, reason="diffusers' LoRA loading needs peft (pip install peft)")
 
 KPS = np.array(TINY_KPS, np.float32)
-
-
-@pytest.fixture(scope="module")
-def kps_image():
-    return draw_kps(KPS, (64, 64))
-
-
-@pytest.fixture(scope="module")
-def emb():
-    return tiny_embedding(16, seed=1)
 
 
 def run(pipe, kps_image, emb, **kw):

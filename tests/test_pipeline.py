@@ -13,7 +13,7 @@ from instantid_lab.keypoints import draw_kps
 from instantid_lab.pipeline import InstantIDPipeline
 from instantid_lab.pipeline.inputs import as_identity_embeddings
 from instantid_lab.pipeline.records import BatchGeometry
-from instantid_lab.tiny import TINY_KPS, TINY_PROMPT, tiny_adapter_state, tiny_components, tiny_embedding, tiny_pipeline
+from instantid_lab.tiny import TINY_KPS, TINY_PROMPT, tiny_adapter_state, tiny_components, tiny_pipeline
 
 KPS = np.array(TINY_KPS, np.float32)
 PROMPT = TINY_PROMPT
@@ -22,16 +22,6 @@ PROMPT = TINY_PROMPT
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_pipeline("sdxl", seed=0)
-
-
-@pytest.fixture(scope="module")
-def kps_image():
-    return draw_kps(KPS, (64, 64))
-
-
-@pytest.fixture(scope="module")
-def emb():
-    return tiny_embedding(16, seed=1)
 
 
 def run(pipe, kps_image, emb, seed=0, **kw):

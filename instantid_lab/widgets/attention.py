@@ -23,11 +23,17 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
-from ..attention import AttentionMaps, capture_attention, identity_processors, token_grid
+from ..attention import (
+    AttentionMaps,
+    capture_attention,
+    identity_processors,
+    token_grid,
+)
 from ..errors import LabError
 from ..images import enlarge
 from ..viz import png_bytes
 from .live import run_now
+from .panel import Panel
 from .studio import GenerationRequest, Studio
 
 
@@ -45,7 +51,7 @@ class AttentionRecord:
         return len(next(iter(self.maps.text.values())))
 
 
-class AttentionExplorer:
+class AttentionExplorer(Panel):
     """Pick a layer, a denoising step and a prompt word; see text vs identity attention over the image.
 
     :param studio: the playground's `Studio` (its world's pipe is what runs).
@@ -107,12 +113,6 @@ class AttentionExplorer:
         identity = one.token_maps(size, "identity")[-1, token]                 # [H, W]
         return _stretch(text.numpy()), _stretch(identity.numpy())
 
-    @property
-    def panel(self) -> widgets.Widget:
-        return self._panel
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self._panel._repr_mimebundle_(**kwargs)
 
     # ------------------------------------------------------------------ widgets
 

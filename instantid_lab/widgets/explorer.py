@@ -9,12 +9,11 @@ once, when the explorer is built; selecting is cheap. Tests and notebooks drive 
 
 from __future__ import annotations
 
-import contextlib
 import html
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import ipywidgets as widgets
 import numpy as np
@@ -25,6 +24,7 @@ from ..errors import InputError
 from ..images import load_image
 from ..keypoints import draw_kps
 from ..viz import draw_faces, png_bytes
+from .panel import Panel
 
 if TYPE_CHECKING:
     from ..data import Photo
@@ -59,7 +59,7 @@ class _Entry:
 PhotoLike = Union["Photo", str, os.PathLike]
 
 
-class IdentityExplorer:
+class IdentityExplorer(Panel):
     """Choose a photo; see its faces, its keypoint image and the nearest identities.
 
     :param photos: `data.Photo` records (their identity labels the table) or image paths.
@@ -107,13 +107,6 @@ class IdentityExplorer:
         ranked = nearest(entry.faces[face].embedding, gallery, k=self.k, metric=self.metric)
         return tuple(Neighbour(others[i].name, others[i].identity, score) for i, score in ranked)
 
-    @property
-    def panel(self) -> widgets.Widget:
-        """The whole panel, to display in a notebook."""
-        return self._panel
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self._panel._repr_mimebundle_(**kwargs)
 
     # ------------------------------------------------------------------ widgets
 
@@ -138,14 +131,6 @@ class IdentityExplorer:
         if not self._quiet and change["new"] is not None:
             self._show(self.photo_picker.value, change["new"])
 
-    @contextlib.contextmanager
-    def _silenced(self) -> Iterator[None]:
-        """Change widget values without their observers redrawing."""
-        self._quiet = True
-        try:
-            yield
-        finally:
-            self._quiet = False
 
     # ------------------------------------------------------------------ drawing
 

@@ -17,11 +17,10 @@ cancels the one running at its next denoising step. With "live" on, every change
 
 from __future__ import annotations
 
-import contextlib
 import html
 from concurrent.futures import Future
 from dataclasses import fields
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import ipywidgets as widgets
 from matplotlib.figure import Figure
@@ -33,6 +32,7 @@ from ..miniature.world import ACCESSORIES, BACKGROUNDS, EXPRESSIONS, STYLES, Cap
 from ..viz import image_grid, png_bytes
 from .attention import AttentionExplorer
 from .live import Cancelled, Job, LatestOnly
+from .panel import Panel
 from .sources import MiniatureReferences, PhotoReferences
 from .studio import SWEEPABLE, Generation, GenerationRequest, PoseEdit, Studio, Sweep
 
@@ -42,7 +42,7 @@ SWEEP_LABELS = {"adapter_scale": "adapter scale", "identitynet_scale": "Identity
 DISPLAY_SIDE = 128  # pixels an image is shown at (the miniature's 32-px images enlarged, nearest neighbour)
 
 
-class Playground:
+class Playground(Panel):
     """The panel and its logic. `Playground.open(mode)` builds the world; `Playground(studio)` reuses one.
 
     :param studio: a `Studio` (a world and a source of references).
@@ -150,12 +150,6 @@ class Playground:
 
     # ------------------------------------------------------------------ display
 
-    @property
-    def panel(self) -> widgets.Widget:
-        return self._panel
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self._panel._repr_mimebundle_(**kwargs)
 
     def snapshot(self) -> Figure:
         """A static picture of the panel's state: references, target, keypoint image, result; the last sweep below."""
@@ -334,14 +328,6 @@ class Playground:
 
         return self.runner.submit(reported)
 
-    @contextlib.contextmanager
-    def _silenced(self) -> Iterator[None]:
-        """Change controls without their observers starting anything."""
-        self._quiet = True
-        try:
-            yield
-        finally:
-            self._quiet = False
 
     @property
     def _scale(self) -> int:
