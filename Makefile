@@ -44,7 +44,9 @@ test: install
 benchmark: install
 	$(PY) benchmarks/face_analysis.py
 	$(PY) benchmarks/pipeline_step_time.py
+	$(PY) benchmarks/batched_grid.py
 	$(PY) benchmarks/miniature_sampling.py
+	$(PY) benchmarks/gpu_sdxl.py
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root,)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import InputError
-from .types import Scale, per_sample_scale
+from .attention.equation import batch_scale
+from .types import Scale
 
 #: The published `ControlNetModel/config.json` of the released IdentityNet (SDXL 1.0).
 SDXL_IDENTITYNET_CONFIG = dict(
@@ -149,7 +150,7 @@ def controlnet_residuals(controlnet, latents: Tensor, timestep, context: Tensor,
     :param region_mask: shape [B, 1, H', W'] or None; resized to every residual's resolution.
     :return: (down residuals, mid residual), as `run_identitynet`.
     """
-    scale = per_sample_scale(scale, latents.shape[0], name="conditioning scale")  # float or [B]
+    scale = batch_scale(scale, latents.shape[0], name="conditioning scale")  # float or [1] / [B]: shapes only
     per_sample = isinstance(scale, Tensor)
     down, mid = controlnet(
         latents, timestep, encoder_hidden_states=context, controlnet_cond=cond_image,
@@ -166,9 +167,9 @@ def controlnet_residuals(controlnet, latents: Tensor, timestep, context: Tensor,
 def scale_residuals(down: Sequence[Tensor], mid: Tensor, scale: Tensor) -> Residuals:
     """Multiply every residual by a per-sample scale.
 
-    :param scale: shape [B].
+    :param scale: shape [B] (or [1]).
     """
-    s = scale[:, None, None, None]  # [B] -> [B, 1, 1, 1]
+    s = scale.reshape(-1, 1, 1, 1)  # [B] or [1] -> [B, 1, 1, 1] or [1, 1, 1, 1]
     return [d * s for d in down], mid * s
 
 

@@ -11,6 +11,7 @@ masks for both halves. The two noise predictions are mixed as
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Optional
 
 import torch
@@ -44,6 +45,11 @@ class Control:
     def active(self, step: int, num_steps: int) -> bool:
         """Whether the ControlNet acts at `step` (diffusers' `control_guidance_start/end` rule)."""
         return self.window.active(step, num_steps)
+
+    @cached_property
+    def dtype(self) -> torch.dtype:
+        """The net's dtype, read once per generation (diffusers' `model.dtype` walks every submodule)."""
+        return self.net.dtype
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,7 @@ def run_control(control: Control, model_input: Tensor, t, cond: Conditioning) ->
     """One ControlNet's residuals, in its dtype (the conditional half only in guess mode with guidance)."""
     half = cond.guess_mode and cond.guided
     pick = cond_half if half else (lambda x: x)
-    dtype = control.net.dtype
+    dtype = control.dtype
     residuals = controlnet_residuals(
         control.net, pick(model_input).to(dtype), t, pick(control.context).to(dtype), pick(control.image),
         pick(control.scale), pick(cond.added_cond_kwargs), pick(control.mask), guess_mode=cond.guess_mode,

@@ -26,6 +26,8 @@ from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 
 from ..adapter import Resampler
+from ..attention import identity_processors, install_adapter, prepare_identity_attention
+from ..checkpoint import check_ip_adapter_state, load_adapter_state
 from ..errors import InputError
 from ..references import identity_tokens
 from ..types import Scale, per_sample_scale
@@ -53,7 +55,9 @@ class InstantIDPipeline(DiffusersNativeMixin, DiffusionPipeline):
 
     #: the most pixels one call may generate (all images together), checked before any allocation
     max_pixels_per_call = MAX_PIXELS_PER_CALL
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_proj->controlnet->unet->vae"
+    #: every model, in `enable_model_cpu_offload`'s chain (a model's call offloads its predecessor); IdentityNet runs
+    #: at every step, so it must not be the UNet's predecessor (it would go back and forth): it loads once and stays
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->controlnet->image_proj->unet->vae"
     _optional_components = ["text_encoder_2", "tokenizer_2", "controlnet", "image_proj"]
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, controlnet, scheduler,
@@ -77,9 +81,6 @@ class InstantIDPipeline(DiffusersNativeMixin, DiffusionPipeline):
         :param layer_scale: every layer's identity scale (multiplies the per-call `adapter_scale`).
         :raises CheckpointError: the checkpoint does not fit this UNet (names the keys).
         """
-        from ..attention import install_adapter
-        from ..checkpoint import check_ip_adapter_state, load_adapter_state
-
         state = load_adapter_state(path_or_state_dict)
         image_proj = Resampler.from_state_dict(state["image_proj"])
         check_ip_adapter_state(self.unet, state["ip_adapter"])
@@ -91,8 +92,6 @@ class InstantIDPipeline(DiffusersNativeMixin, DiffusionPipeline):
     @property
     def has_identity_attention(self) -> bool:
         """Whether the UNet carries the adapter's identity processors."""
-        from ..attention import identity_processors
-
         return bool(identity_processors(self.unet))
 
     # ------------------------------------------------------------------------- the call
@@ -264,10 +263,10 @@ class InstantIDPipeline(DiffusersNativeMixin, DiffusionPipeline):
         :return: [B, Lt, C], [B, P] or None.
         """
         pairs = [(t, e) for t, e in [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)] if e]
-        sdxl, hidden, pooled = self.text_encoder_2 is not None, [], None
-        for tokenizer, encoder in pairs:
+        sdxl, hidden, pooled, device = self.text_encoder_2 is not None, [], None, self._execution_device
+        for tokenizer, encoder in pairs:      # (offloaded encoders sit on "meta"/CPU: ids go to the execution device)
             ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(encoder.device)
+                            return_tensors="pt").input_ids.to(device)
             out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2] if sdxl else out.last_hidden_state)  # [B, Lt, c_i]
             pooled = getattr(out, "text_embeds", None)
@@ -397,8 +396,9 @@ class InstantIDPipeline(DiffusersNativeMixin, DiffusionPipeline):
                 generator=None, callback_on_step_end: Optional[Callable] = None) -> Tensor:
         """The sampling loop: predict noise, scheduler step, keep the known region (inpainting)."""
         latents, extra = state.latents, step_kwargs(self.scheduler, generator)
+        attention = self.prepare_identity_attention(cond)               # identity keys/values, once per call
         for i, t in enumerate(self.progress_bar(timesteps)):
-            noise_pred = self.predict_noise(latents, t, cond, guidance_scale, i, len(timesteps))
+            noise_pred = self.predict_noise(latents, t, cond, guidance_scale, i, len(timesteps), attention)
             latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
             next_t = timesteps[i + 1] if i + 1 < len(timesteps) else None
             latents = keep_known_region(self.scheduler, latents, state, next_t)
@@ -407,25 +407,30 @@ class InstantIDPipeline(DiffusersNativeMixin, DiffusionPipeline):
         return latents
 
     def predict_noise(self, latents: Tensor, t, cond: Conditioning, guidance_scale: float = 1.0, step: int = 0,
-                      num_steps: int = 1) -> Tensor:
+                      num_steps: int = 1, cross_attention_kwargs: Optional[dict] = None) -> Tensor:
         """One guided noise prediction: ControlNets, then the UNet, then CFG.
 
         :param latents: shape [B, 4, h, w] (not yet batched for guidance).
+        :param cross_attention_kwargs: `prepare_identity_attention(cond)`, if already prepared for this call.
         :return: the guided noise prediction, shape [B, 4, h, w].
         """
+        cross_attention_kwargs = cross_attention_kwargs or self.prepare_identity_attention(cond)
         model_input = self.scheduler.scale_model_input(with_uncond(latents, latents, cond.guided), t)  # [B', 4, h, w]
         residuals = self.control_residuals(model_input, t, cond, step, num_steps)
         down, mid = residuals if residuals is not None else (None, None)
         noise_pred = self.unet(
             model_input, t, encoder_hidden_states=cond.text_tokens, added_cond_kwargs=cond.added_cond_kwargs,
-            cross_attention_kwargs=cond.cross_attention_kwargs(), down_block_additional_residuals=down,
+            cross_attention_kwargs=cross_attention_kwargs, down_block_additional_residuals=down,
             mid_block_additional_residual=mid, return_dict=False,
         )[0]
         return guide(noise_pred, guidance_scale) if cond.guided else noise_pred
 
+    def prepare_identity_attention(self, cond: Conditioning) -> Optional[dict]:
+        """The UNet's `cross_attention_kwargs` for a call: identity keys/values computed once (None without)."""
+        return prepare_identity_attention(self.unet, cond.cross_attention_kwargs())
+
     def control_residuals(self, model_input: Tensor, t, cond: Conditioning, step: int = 0, num_steps: int = 1):
-        """The summed residuals of the ControlNets active at this step (None if none is); see
-        `guidance.control_residuals`."""
+        """The summed residuals of the ControlNets active at this step (None if none); `guidance.control_residuals`."""
         return control_residuals(model_input, t, cond, step, num_steps)
 
     # ------------------------------------------------------------------------- output

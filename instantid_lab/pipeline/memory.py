@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ..attention import IdentityAttnProcessor, identity_processors
+from ..attention import IdentityAttnProcessor, identity_processors, unwrap
 from ..errors import InputError
 
 #: What to do instead, said by every refusal.
@@ -119,9 +119,11 @@ def guard_identity_attention(unet: nn.Module) -> None:
     processors (`GUARDED`); while it has none, the calls behave as diffusers' own.
 
     The guards are set on this UNet object only (as accelerate's offload hooks are), once: guarding
-    again changes nothing. `install_adapter` and `remove_adapter` set processors layer by layer
+    again changes nothing. For `torch.compile(unet)` they are set on the UNet inside the wrapper, which
+    forwards these calls to it. `install_adapter` and `remove_adapter` set processors layer by layer
     (`Attention.set_processor`), so they are not affected.
     """
+    unet = unwrap(unet)                                   # torch.compile's wrapper forwards calls to it
     for name, guarded in GUARDED.items():
         if name not in vars(unet) and hasattr(type(unet), name):
             setattr(unet, name, MethodType(guarded, unet))
@@ -138,6 +140,12 @@ class MemoryMixin:
         super().register_modules(**kwargs)
         if kwargs.get("unet") is not None:
             guard_identity_attention(kwargs["unet"])
+
+    def __setattr__(self, name, value):
+        """`pipe.unet = torch.compile(pipe.unet)` (or any UNet set so) is guarded too."""
+        super().__setattr__(name, value)
+        if name == "unet" and isinstance(value, nn.Module):
+            guard_identity_attention(value)
 
     def enable_vae_slicing(self) -> None:
         """Decode (and encode) a batch one image at a time: less memory, the same images."""
