@@ -180,3 +180,32 @@ def test_the_study_gives_one_scored_row_per_image_and_paired_gains():
     assert len(mr.quote_table(t)) == 1 + len(COMBINERS)
     columns = mr.example_columns(result, n_subjects=2)
     assert len(columns) == 2 + 1 + 1 + len(COMBINERS)                     # references, target, single, combiners
+
+
+def test_two_processes_share_the_study_cells_and_return_the_table_of_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2`: cell k goes to process k mod 2; the images are gathered before scoring."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "study.py"
+    script.write_text(
+        "import sys\n"
+        "from instantid_lab.experiments.metrics import MiniatureScorer\n"
+        "from instantid_lab.experiments.multireference import StudySettings, miniature_subjects, run_study\n"
+        "from instantid_lab.face_analysis import get_face_analyzer\n"
+        "from instantid_lab.miniature.training.loop import is_main_process\n"
+        "from instantid_lab.worlds import load_pipeline\n"
+        "settings = StudySettings(n_identities=2, seeds=(0,), n_references=(1, 2), steps=2)\n"
+        "pipe = load_pipeline('miniature'); pipe.set_progress_bar_config(disable=True)\n"
+        "result = run_study(pipe, miniature_subjects(get_face_analyzer('miniature'), settings), MiniatureScorer(), settings)\n"
+        "if is_main_process():\n"
+        "    result.table.to_csv(sys.argv[1], index=False)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    for command, out in (([sys.executable], "one.csv"), ([torchrun, "--nproc_per_node", "2"], "two.csv")):
+        done = subprocess.run([*command, str(script), str(tmp_path / out)], capture_output=True, text=True,
+                              timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+    one, two = ((tmp_path / name).read_text() for name in ("one.csv", "two.csv"))
+    assert one == two and len(one.splitlines()) == 1 + 2 * 5  # header + 2 subjects x (single + 4 combiners at N=2)

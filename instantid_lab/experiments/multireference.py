@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from accelerate.utils import gather_object
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 from PIL import Image
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 from ..data import face_photos
 from ..images import load_image
 from ..miniature.instantid import keypoint_image
+from ..miniature.training.loop import process_state
 from ..miniature.world import HELDOUT_IDS, Caption, Pose, render_id
 from ..references import COMBINERS, References, face_weights
 from .metrics import Request, summary
@@ -162,13 +164,22 @@ def study_cells(settings: StudySettings) -> list[tuple[str, int]]:
 
 def run_study(pipe, subjects: Sequence[Subject], scorer, settings: StudySettings = StudySettings()) -> StudyResult:
     """Generate every cell (`study_cells`) for every subject with >= N references x seed, then score all
-    images in one call of `scorer.score(images, requests)`."""
-    rows, images, requests = [], [], []
-    for combine, n in tqdm(study_cells(settings), desc="(combiner, N)"):
+    images in one call of `scorer.score(images, requests)`.
+
+    Under `torchrun --nproc_per_node N` the processes share the cells (cell k goes to process k mod N)
+    and gather every image before scoring: every process returns the table one process would.
+    """
+    processes, cells = process_state(), study_cells(settings)
+    made = []  # (cell index, row, image, request)
+    for index in tqdm(range(processes.process_index, len(cells), processes.num_processes), desc="(combiner, N)"):
+        combine, n = cells[index]
         items = [(k, s) for s in settings.seeds for k, subj in enumerate(subjects) if len(subj.faces) >= n]
-        images += generate_cell(pipe, subjects, items, combine, n, settings)
-        rows += [dict(identity=subjects[k].identity, seed=s, combiner=combine, n_references=n) for k, s in items]
-        requests += [subjects[k].request for k, _ in items]
+        images = generate_cell(pipe, subjects, items, combine, n, settings)
+        made += [(index, dict(identity=subjects[k].identity, seed=s, combiner=combine, n_references=n), image,
+                  subjects[k].request) for (k, s), image in zip(items, images)]
+    if processes.num_processes > 1:
+        made = sorted(gather_object(made), key=lambda entry: entry[0])  # stable: each cell's items keep their order
+    rows, images, requests = ([entry[i] for entry in made] for i in (1, 2, 3))
     scores = scorer.score(images, requests)
     table = pd.concat([pd.DataFrame(rows), scores.drop(columns="identity")], axis=1)
     return StudyResult(table, images, list(subjects), settings)
