@@ -19,23 +19,11 @@ from torch.overrides import TorchFunctionMode
 from instantid_lab.attention import (PlainAttnProcessor, RegionalIdentity, identity_processors, install_adapter,
                                      prepare_identity_attention)
 from instantid_lab.errors import InputError
-from instantid_lab.keypoints import draw_kps
 from instantid_lab.pipeline import ExtraControlNet, InstantIDPipeline
-from instantid_lab.tiny import (TINY_KPS, TINY_PROMPT, TinyConfig, tiny_components, tiny_controlnet, tiny_embedding,
-                                tiny_pipeline, tiny_unet)
+from instantid_lab.tiny import (TINY_PROMPT, TinyConfig, tiny_components, tiny_controlnet, tiny_pipeline, tiny_unet)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = TinyConfig.sdxl()
-
-
-@pytest.fixture(scope="module")
-def kps_image():
-    return draw_kps(np.array(TINY_KPS, np.float32), (64, 64))
-
-
-@pytest.fixture(scope="module")
-def emb():
-    return tiny_embedding(16, seed=1)
 
 
 def run(pipe, kps_image, emb, steps=2, **kw):
