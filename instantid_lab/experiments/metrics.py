@@ -29,13 +29,12 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from ..data import MINIATURE_DIR
 from ..errors import InputError
 from ..face_analysis import FaceAnalyzer, get_face_analyzer
 from ..images import ImageLike, load_image
-from ..miniature.evaluate import keypoint_distances
+from ..miniature.evaluate import identity_scores, keypoint_distances
 from ..miniature.inspector import ATTRIBUTES, inspect, load_inspector
 from ..miniature.recognizer import embed_images, load_recognizer
 from ..miniature.world import Caption, Pose, images_to_tensor, render_id
@@ -59,16 +58,9 @@ class Request:
 
 
 def gallery_scores(embeddings: torch.Tensor, gallery: torch.Tensor, wanted: Sequence[int]) -> pd.DataFrame:
-    """Identity similarity (cosine to the wanted gallery row) and rank-1 per image.
-
-    :param embeddings: the generated faces' embeddings [N, E] (any norm).
-    :param gallery: one row per identity [K, E] (any norm).
-    :param wanted: the wanted gallery row of each image, N indices.
-    """
-    similarity = F.normalize(embeddings, dim=1) @ F.normalize(gallery, dim=1).T  # [N, K]
-    wanted = torch.as_tensor(list(wanted))
-    own = similarity[torch.arange(len(wanted)), wanted]
-    return pd.DataFrame({"identity_similarity": own.numpy(), "rank1": (similarity.argmax(1) == wanted).numpy()})
+    """`evaluate.identity_scores` as a table: identity_similarity and rank1 per image."""
+    similarity, hits = identity_scores(embeddings, gallery, wanted)
+    return pd.DataFrame({"identity_similarity": similarity.numpy(), "rank1": hits.numpy()})
 
 
 def _gallery_rows(requests: Sequence[Request], gallery_ids: Optional[Sequence]) -> tuple[list, list[int]]:

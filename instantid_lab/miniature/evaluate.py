@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -81,10 +82,8 @@ class Judges:
     def score(self, images: Sequence[Image.Image]) -> dict:
         """Image k shows identity k with target k's keypoints and caption: identity, keypoint and caption scores."""
         x = images_to_tensor(images)
-        similarity = embed_images(self.evaluator, x) @ self.gallery.T  # [K, K]
-        own = torch.arange(len(images))
-        scores = {"rank1": float((similarity.argmax(1) == own).float().mean()),
-                  "identity_similarity": float(similarity[own, own].mean())}
+        similarity, hits = identity_scores(embed_images(self.evaluator, x), self.gallery, range(len(images)))
+        scores = {"rank1": float(hits.float().mean()), "identity_similarity": float(similarity.mean())}
         if self.inspector is None:
             return scores
         read = inspect(self.inspector, x)
@@ -146,6 +145,19 @@ def save_ablation(result: dict, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- the judges' readings
+
+
+def identity_scores(embeddings: Tensor, gallery: Tensor, wanted: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Per image: cosine to its wanted gallery row, and rank-1 (whether that row is the most similar one).
+
+    :param embeddings: the generated faces' embeddings [N, E] (any norm).
+    :param gallery: one row per identity [K, E] (any norm).
+    :param wanted: the wanted gallery row of each image, N indices.
+    :return: (similarity [N], rank-1 hits [N], bool)
+    """
+    similarity = F.normalize(embeddings, dim=1) @ F.normalize(gallery, dim=1).T  # [N, K]
+    wanted = torch.as_tensor(list(wanted))
+    return similarity[torch.arange(len(wanted)), wanted], similarity.argmax(1) == wanted
 
 
 def keypoint_distances(predicted: Tensor, requested: Tensor) -> Tensor:
