@@ -75,9 +75,6 @@ class TrainingBatch:
         """The rows `index` (a slice or an index tensor) of every field."""
         return TrainingBatch(**{f.name: _rows(getattr(self, f.name), index) for f in fields(self)})
 
-    def to(self, device) -> "TrainingBatch":
-        return TrainingBatch(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
-
     def as_dict(self) -> dict:
         """The tensors by field name, None fields left out (for `torch.save`)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -85,10 +82,6 @@ class TrainingBatch:
 
 def _rows(x: Optional[Tensor], index) -> Optional[Tensor]:
     return None if x is None else x[index]
-
-
-def _to(x: Optional[Tensor], device) -> Optional[Tensor]:
-    return None if x is None else x.to(device)
 
 
 def drop_captions(ids: Tensor, empty_ids: Tensor, p: float, generator: torch.Generator) -> Tensor:
