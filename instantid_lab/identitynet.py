@@ -87,11 +87,28 @@ def identitynet_from_unet(unet, conditioning_embedding_out_channels: Sequence[in
             "the UNet already has identity attention processors installed; build IdentityNet from the "
             "UNet first (identitynet_from_unet), then install the adapter."
         )
-    return ControlNetModel.from_unet(
+    net = ControlNetModel.from_unet(
         unet,
         conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
         load_weights_from_unet=copy_weights,
     )
+    _copy_pooling_heads(unet, net, copy_weights)
+    return net
+
+
+def _copy_pooling_heads(unet, net, copy_weights: bool) -> None:
+    """`ControlNetModel.from_unet` leaves the heads of a "text" addition embedding at its default: rebuild it
+    with the UNet's (in the copy the pooled context is the identity tokens)."""
+    from diffusers.models.embeddings import TextTimeEmbedding
+
+    heads = unet.config.get("addition_embed_type_num_heads")
+    if unet.config.addition_embed_type != "text" or heads == net.config.addition_embed_type_num_heads:
+        return
+    net.add_embedding = TextTimeEmbedding(unet.add_embedding.norm1.normalized_shape[0],
+                                          unet.time_embedding.linear_2.out_features, num_heads=heads)
+    net.register_to_config(addition_embed_type_num_heads=heads)
+    if copy_weights:
+        net.add_embedding.load_state_dict(unet.add_embedding.state_dict())
 
 
 def _has_parametrised_processors(unet) -> bool:

@@ -18,6 +18,7 @@ from instantid_lab.errors import InputError, ModelFilesMissingError
 from instantid_lab.face_analysis import get_face_analyzer
 from instantid_lab.miniature.autoencoder import AutoencoderConfig
 from instantid_lab.miniature.base import BaseConfig
+from instantid_lab.miniature import evaluate
 from instantid_lab.miniature.evaluate import HeldoutTask, Judges, caption_accuracy, keypoint_distances
 from instantid_lab.miniature.inspector import ATTRIBUTES, InspectorConfig, inspect, load_inspector, save_inspector
 from instantid_lab.miniature.instantid import ADAPTER_FILE, InstantIDConfig, keypoint_image, load_miniature
@@ -114,6 +115,29 @@ def test_heldout_task_is_deterministic_and_holds_only_heldout_identities():
     assert [len(g) for g in task.gallery] == [3] * 5
     assert task.prompts() == [t.caption.text() for t in task.targets]
     assert all(k.size == (32, 32) for k in task.keypoint_images())
+
+
+def test_heldout_task_sets_are_disjoint_slices_of_the_heldout_ids():
+    first, second = HeldoutTask.make(4, seed=0, first=1000), HeldoutTask.make(4, seed=0, first=2000)
+    assert first.ids == list(HELDOUT_IDS[1000:1004]) and second.ids == list(HELDOUT_IDS[2000:2004])
+    assert not set(first.ids) & set(second.ids)
+    assert HeldoutTask.make(4, seed=0).ids == list(HELDOUT_IDS[:4])  # the default set starts at the first id
+
+
+def test_protocol_averages_every_set_and_seed_and_keeps_the_lowest_rank1(monkeypatch):
+    calls = []
+
+    def fake_run(pipe, conditioner, evaluator, inspector, n, seed=0, first=0, **sampling):
+        calls.append((first, seed))
+        score = {"rank1": first / 1000 + seed, "caption_accuracy": {"all": float(seed)}}
+        return {"rows": {"both": score}, "sampler": f"DDIM 20 steps, seed {seed}"}
+
+    monkeypatch.setattr(evaluate, "evaluate_ablations", fake_run)
+    result = evaluate.evaluate_protocol(None, None, None, None, 8, sets=(1000, 2000), seeds=(0, 1))
+    assert calls == [(1000, 0), (1000, 1), (2000, 0), (2000, 1)]
+    assert result["rows"]["both"] == {"rank1": 2.0, "caption_accuracy": {"all": 0.5}}  # (1 + 2 + 2 + 3) / 4
+    assert result["min_rank1"] == {"both": 1.0}
+    assert "4 runs" in result["sampler"] and "seed 0" not in result["sampler"]
 
 
 @pytest.fixture(scope="module")

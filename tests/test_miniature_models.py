@@ -36,10 +36,10 @@ def trained(tmp_path_factory):
     return out, ae, base
 
 
-def test_autoencoder_maps_32px_images_to_16x16x4_latents_and_back():
+def test_autoencoder_maps_32px_images_to_16x16x8_latents_and_back():
     vae = build_autoencoder(AutoencoderConfig.quick())
     z = vae.encode(torch.zeros(2, 3, 32, 32)).latent_dist.mean
-    assert z.shape == (2, 4, 16, 16)
+    assert z.shape == (2, 8, 16, 16)
     assert vae.decode(z).sample.shape == (2, 3, 32, 32)
 
 

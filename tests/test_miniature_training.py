@@ -74,6 +74,20 @@ def test_a_corrupt_checkpoint_stops_the_resume_with_a_clear_error_and_is_left_al
         train_loop("toy", model, loss_fn, LoopSettings(steps=2, lr=0.1), tmp_path, progress=False)
 
 
+def test_a_checkpoint_of_another_model_stops_the_resume_with_a_clear_error_and_is_left_alone(tmp_path):
+    from instantid_lab.errors import CheckpointError
+    from instantid_lab.miniature.training import LoopSettings, train_loop
+
+    loss_of = lambda model: lambda generator, shard: model(torch.randn(4, 2, generator=generator)).pow(2).mean()
+    small = torch.nn.Linear(2, 1)
+    train_loop("toy", small, loss_of(small), LoopSettings(steps=2, lr=0.1), tmp_path, progress=False)
+    saved = checkpoint_path(tmp_path, "toy").read_bytes()
+    wider = torch.nn.Linear(2, 3)  # e.g. a model of another configuration, or on another base
+    with pytest.raises(CheckpointError, match="do not fit this model"):
+        train_loop("toy", wider, loss_of(wider), LoopSettings(steps=4, lr=0.1), tmp_path, progress=False)
+    assert checkpoint_path(tmp_path, "toy").read_bytes() == saved
+
+
 @pytest.mark.parametrize("argv", [["base", "--out", "{tmp}/empty"], ["instantid", "--base-dir", "{tmp}/empty", "--out", "{tmp}/x"]])
 def test_the_training_cli_reports_missing_parts_in_one_line_without_a_traceback(tmp_path, argv):
     import subprocess

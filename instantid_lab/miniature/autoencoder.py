@@ -29,17 +29,17 @@ class AutoencoderConfig:
     """Sizes and training settings of the miniature autoencoder."""
 
     block_out_channels: tuple = (32, 64)  # len - 1 = number of 2x downsamplings
-    latent_channels: int = 4
+    latent_channels: int = 8
     norm_num_groups: int = 16
     image_size: int = 32
     kl_weight: float = 1e-6
-    steps: int = 1000
-    batch_size: int = 16
+    steps: int = 1200
+    batch_size: int = 32
     lr: float = 2e-3
-    train_images: int = 4000
+    train_images: int = 8000
     checkpoint_every: int = 100
     # phase 2: the decoder alone, on the frozen encoder's posterior means
-    decoder_steps: int = 1500
+    decoder_steps: int = 600
     decoder_batch_size: int = 32
     decoder_lr: float = 1e-3
     decoder_train_images: int = 8000

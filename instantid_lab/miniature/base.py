@@ -47,14 +47,15 @@ class BaseConfig:
     text_layers: int = 2
     max_length: int = 16
     latent_size: int = 16
-    steps: int = 2000
+    caption_embedding: bool = True  # also pool the caption into the time embedding (every ResNet block sees it)
+    steps: int = 6000
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 200
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
-    train_images: int = 12000
+    train_images: int = 24000
     checkpoint_every: int = 100
     eval_captions: int = 48
 
@@ -87,13 +88,16 @@ def build_text_encoder(config: BaseConfig, tokenizer, seed: int = 0):
         pad_token_id=vocab["<|endoftext|>"]))
 
 
-def build_unet(config: BaseConfig, seed: int = 0):
-    """A randomly initialised SD-shaped UNet: cross-attention in the lower two resolutions."""
+def build_unet(config: BaseConfig, latent_channels: int = 4, seed: int = 0):
+    """A randomly initialised SD-shaped UNet on `latent_channels`-channel latents: cross-attention in the
+    lower two resolutions, and (`config.caption_embedding`) the caption pooled into the time embedding."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=config.latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=config.latent_size, in_channels=latent_channels, out_channels=latent_channels, layers_per_block=1,
+        addition_embed_type="text" if config.caption_embedding else None,
+        addition_embed_type_num_heads=config.attention_heads,
         block_out_channels=config.block_out_channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),

@@ -35,7 +35,7 @@ def train_base(config: BaseConfig, out: Path, stop_after: Optional[int] = None, 
     """
     vae, tokenizer = load_vae(out), caption_tokenizer(config.max_length)
     data = cached(Path(out) / "base_data.pt", lambda: caption_batch(vae, tokenizer, config.train_images, seed=3)[0])
-    pipe = InstantIDPipeline(vae, build_text_encoder(config, tokenizer), None, tokenizer, None, build_unet(config),
+    pipe = InstantIDPipeline(vae, build_text_encoder(config, tokenizer), None, tokenizer, None, build_unet(config, vae.config.latent_channels),
                              None, sampling_scheduler()).to(training_device())
     model = nn.ModuleDict({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
     scheduler, empty = training_scheduler(), tokenize(tokenizer, [""])[0]

@@ -249,7 +249,12 @@ class _Run:
 
     def _resume(self) -> None:
         payload = read_checkpoint(self.path)
-        self.accelerator.unwrap_model(self.model).load_state_dict(payload["model"])
+        try:
+            self.accelerator.unwrap_model(self.model).load_state_dict(payload["model"])
+        except RuntimeError as error:  # other shapes or names: a run of another configuration or base
+            raise CheckpointError(f"cannot resume from {self.path}: its weights do not fit this model (a run with "
+                                  "another configuration, or on another base). Move or delete it to start this "
+                                  "stage afresh, or point --out at another folder; nothing was changed.") from error
         self.optimizer.load_state_dict(payload["optimizer"])
         self.generator.set_state(payload["generator"])
         if self.schedule is not None:
