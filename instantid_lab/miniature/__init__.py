@@ -6,7 +6,7 @@ Layered bottom-up; a module imports only from the layers below it (a test reads 
 2. the models    `recognizer`   toy ArcFace face recognisers (one conditions generation, another evaluates)
    (each with    `inspector`    a small CNN that reads a face's 5 keypoints and caption attributes
    its loader                   (evaluation only)
-   and saver)    `autoencoder`  the tiny latent autoencoder (32x32x3 <-> 16x16x4)
+   and saver)    `autoencoder`  the tiny latent autoencoder (32x32x3 <-> 16x16x8)
                  `base`         the caption-conditioned base model (trained, then frozen); `load_base`
                                 returns it as an `InstantIDPipeline` without adapter and IdentityNet
                  `instantid`    InstantID on the frozen base with the kit's own Resampler, attention

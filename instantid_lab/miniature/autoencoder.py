@@ -1,4 +1,4 @@
-"""The miniature's autoencoder: 32x32 RGB faces <-> 16x16x4 latents (one 2x downsampling).
+"""The miniature's autoencoder: 32x32 RGB faces <-> 16x16x8 latents (one 2x downsampling).
 
 It is a diffusers `AutoencoderKL` at a tiny configuration, so the kit's pipeline decodes its
 latents unchanged (`vae.decode(latents / scaling_factor)`). Trained with
@@ -58,7 +58,7 @@ class AutoencoderConfig:
 def build_autoencoder(config: AutoencoderConfig, seed: int = 0):
     """A randomly initialised `AutoencoderKL` (no weights loaded).
 
-    :return: the model; 32x32x3 images map to 16x16x4 latents with the default sizes.
+    :return: the model; 32x32x3 images map to 16x16x8 latents with the default sizes.
     """
     from diffusers import AutoencoderKL
 

@@ -1,10 +1,13 @@
 """The miniature's base model: caption-conditioned latent diffusion, trained once and then frozen.
 
 A small CLIP text encoder (on a word-level vocabulary of the miniature's captions) and an SD-shaped
-`UNet2DConditionModel` on the autoencoder's 16x16x4 latents are trained jointly, the caption dropped
+`UNet2DConditionModel` on the autoencoder's 16x16x8 latents are trained jointly, the caption dropped
 (replaced by the empty prompt) 10% of the time so that classifier-free guidance works. The base knows
 captions (background, expression, accessory, style) but no particular identity: identities are
-drawn afresh for every render from 100k training ids.
+drawn afresh for every render from 100k training ids. The caption reaches the UNet twice: through
+cross-attention at the two lower resolutions, and pooled (attention pooling, diffusers' "text" addition
+embedding) into the time embedding, so every ResNet block at every resolution sees it — global
+attributes like the drawing style and the expression need that at 32 px.
 
 Objective (v-prediction with min-SNR weighting, Hang et al. 2023), with alpha_bar_t from a cosine
 schedule, x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps and SNR_t = alpha_bar / (1 - alpha_bar):

@@ -20,7 +20,8 @@ from ...pipeline import InstantIDPipeline
 from ..autoencoder import load_vae
 from ..base import (BaseConfig, build_text_encoder, build_unet, caption_tokenizer, sampling_scheduler, save_base,
                     tokenize, training_scheduler)
-from ..evaluate import background_of
+from ..evaluate import background_of, caption_accuracy
+from ..inspector import inspect, load_inspector
 from ..objective import Shard, denoising_loss, drop_conditions
 from ..world import Caption
 from .data import cached, caption_batch
@@ -61,12 +62,17 @@ def train_base(config: BaseConfig, out: Path, stop_after: Optional[int] = None, 
 
 @torch.no_grad()
 def evaluate_base(pipe: InstantIDPipeline, out: Path, n: int = 48, steps: int = 20, guidance: float = 3.0) -> dict:
-    """Sample `n` random captions; report how often the background matches; save `out/base_samples.png`."""
+    """Sample `n` random captions; report how often the background matches (and, when `out` holds the
+    inspector, how often each caption attribute and all four are right); save `out/base_samples.png`."""
     captions = [Caption.sample(np.random.default_rng([7, i])) for i in range(n)]
     pipe.set_progress_bar_config(disable=True)
     images = pipe([c.text() for c in captions], num_inference_steps=steps, guidance_scale=guidance,
                   generator=torch.Generator().manual_seed(0), output_type="pt").images * 2 - 1  # [n, 3, 32, 32]
     image_sheet(images, columns=8, scale=2).save(Path(out) / "base_samples.png")
     hits = [got == c.background for got, c in zip(background_of(images), captions)]
-    return {"background_accuracy": float(np.mean(hits)), "evaluated_captions": n,
-            "sampler": f"DDIM {steps} steps, guidance {guidance}"}
+    report = {"background_accuracy": float(np.mean(hits)), "evaluated_captions": n,
+              "sampler": f"DDIM {steps} steps, guidance {guidance}"}
+    if (Path(out) / "inspector.safetensors").exists():
+        read = inspect(load_inspector(Path(out) / "inspector.safetensors"), images)
+        report["caption_accuracy"] = caption_accuracy(read, captions)
+    return report
