@@ -54,7 +54,7 @@ class InstantIDConfig:
     resampler_depth: int = 2
     embedding_dim: int = 64  # the conditioning recogniser's output
     conditioning_channels: tuple = (16, 32)  # one 2x downsampling: 32 px keypoint image -> 16x16 latents
-    steps: int = 4500
+    steps: int = 6000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100
