@@ -133,7 +133,7 @@ def evaluate_protocol(pipe, conditioner, evaluator, inspector, n_identities: int
                       sets: Sequence[int] = PROTOCOL_SETS, seeds: Sequence[int] = (0, 1), **sampling) -> dict:
     """`evaluate_ablations` on each disjoint identity set x each seed, and the mean and minimum over those runs.
 
-    :return: {"runs": [each run's result], "mean": {row: scores averaged over the runs},
+    :return: {"runs": [each run's result], "rows": {row: scores averaged over the runs},
         "min_rank1": {row: the lowest rank-1 of any run}, "identities", "chance", "sampler"}
     """
     runs = [evaluate_ablations(pipe, conditioner, evaluator, inspector, n_identities, seed=seed, first=first, **sampling)
