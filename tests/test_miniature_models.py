@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from instantid_lab.errors import InputError
 from instantid_lab.miniature.autoencoder import AutoencoderConfig, build_autoencoder, load_vae, reconstruction_loss
 from instantid_lab.miniature.base import BaseConfig, caption_tokenizer, load_base, tokenize
 from instantid_lab.miniature.instantid import (
     ADAPTER_FILE, InstantIDConfig, InstantIDParts, keypoint_image, load_miniature,
 )
-from instantid_lab.miniature.objective import drop_captions, min_snr_v_loss
+from instantid_lab.miniature.objective import drop_captions, min_snr_v_loss, sample_timesteps
 from instantid_lab.miniature.recognizer import FaceRecognizer, RecognizerConfig, load_recognizer, save_recognizer
 from instantid_lab.miniature.training import (
     LoopSettings, checkpoint_path, train_autoencoder, train_base, train_instantid, train_loop,
@@ -110,6 +111,19 @@ def test_min_snr_weight_is_min_snr_gamma_over_snr_plus_one():
     pred, target = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)  # squared error 1 everywhere
     assert float(min_snr_v_loss(pred[:1], target[:1], torch.tensor([1.0]))) == pytest.approx(0.5)
     assert float(min_snr_v_loss(pred[:1], target[:1], torch.tensor([100.0]))) == pytest.approx(5 / 101)
+
+
+def test_one_timestep_draw_is_uniform_and_more_draws_favour_the_noisy_steps():
+    uniform = sample_timesteps(4000, 1000, torch.Generator().manual_seed(0))
+    assert torch.equal(uniform, torch.randint(0, 1000, (4000,), generator=torch.Generator().manual_seed(0)))
+    noisier = sample_timesteps(4000, 1000, torch.Generator().manual_seed(0), draws=2)
+    assert noisier.min() >= 0 and noisier.max() < 1000
+    # t / T has density 2 s: mean 2/3 and 3/4 of the steps in the noisier half (uniform: 1/2 and 1/2)
+    assert float(noisier.float().mean()) / 1000 == pytest.approx(2 / 3, abs=0.02)
+    assert float((noisier >= 500).float().mean()) == pytest.approx(0.75, abs=0.02)
+    assert float((uniform >= 500).float().mean()) == pytest.approx(0.5, abs=0.03)
+    with pytest.raises(InputError, match="draws"):
+        sample_timesteps(4, 1000, torch.Generator(), draws=0)
 
 
 def test_base_quick_training_lowers_the_loss_and_saves_the_parts(trained):

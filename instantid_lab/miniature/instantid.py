@@ -61,6 +61,7 @@ class InstantIDConfig:
     caption_dropout: float = 0.1
     identity_dropout: float = 0.1  # zero embedding: what the pipeline's negative identity uses
     min_snr_gamma: float = 5.0
+    timestep_draws: int = 2  # each training timestep is the noisiest of this many uniform draws (1: uniform)
     train_images: int = 24000
     checkpoint_every: int = 100
     eval_identities: int = 48

@@ -116,15 +116,30 @@ def min_snr_v_loss(v_pred: Tensor, v_target: Tensor, snr: Tensor, gamma: float =
     return (snr.clamp(max=gamma) / (snr + 1) * per_sample).mean()
 
 
+def sample_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator, draws: int = 1) -> Tensor:
+    """n training timesteps, each the noisiest of `draws` uniform draws from [0, num_train_timesteps).
+
+    draws = 1 is the usual uniform sampling. draws = k gives t / T the density k (t / T)^(k - 1): more of
+    the noisy steps, where a condition (the identity) decides what the image becomes and the noisy latent
+    does not yet; the per-step weighting (`min_snr_v_loss`) is unchanged.
+    """
+    if draws < 1:
+        raise InputError(f"timestep draws must be >= 1 (1 = uniform timesteps), got {draws}")
+    t = torch.randint(0, num_train_timesteps, (draws, n), generator=generator)  # [draws, n]
+    return t.amax(0)
+
+
 def diffusion_loss(predict: Callable[[Tensor, Tensor], Tensor], scheduler, latents: Tensor,
-                   generator: torch.Generator, gamma: float = 5.0, shard: Shard = Shard()) -> Tensor:
+                   generator: torch.Generator, gamma: float = 5.0, shard: Shard = Shard(),
+                   timestep_draws: int = 1) -> Tensor:
     """Noise `latents` [B, 4, h, w] at random timesteps and score `predict(x_t, t)` with `min_snr_v_loss`.
 
     Noise and timesteps are drawn on the CPU with `generator` for the whole (global) batch, then this
     process's `shard` of it is scored (the same numbers on every device and process count).
+    :param timestep_draws: each timestep is the noisiest of this many uniform draws (`sample_timesteps`).
     """
     noise = shard.take(torch.randn(latents.shape, generator=generator))
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    t = sample_timesteps(len(latents), scheduler.config.num_train_timesteps, generator, timestep_draws)
     alpha_bar = shard.take(scheduler.alphas_cumprod[t])  # [b]
     t, latents = shard.take(t), shard.take(latents)
     noisy = scheduler.add_noise(latents, noise, t)
@@ -133,15 +148,16 @@ def diffusion_loss(predict: Callable[[Tensor, Tensor], Tensor], scheduler, laten
 
 
 def denoising_loss(pipe, batch: TrainingBatch, scheduler, generator: torch.Generator, gamma: float = 5.0,
-                   shard: Shard = Shard()) -> Tensor:
+                   shard: Shard = Shard(), timestep_draws: int = 1) -> Tensor:
     """The objective of `pipe` (an `InstantIDPipeline`, with or without adapter and IdentityNet) on `batch`.
 
     :param batch: the global batch (already dropped); this process scores its `shard` of it.
     :param scheduler: the training (forward-process) scheduler, e.g. `base.training_scheduler()`.
+    :param timestep_draws: see `sample_timesteps` (1: uniform timesteps).
     """
     text = pipe.text_encoder(shard.take(batch.ids)).last_hidden_state  # [b, L, C]
     kps = shard.take(batch.kps_images)
     kps = None if kps is None else kps.float() / 255  # [b, 3, H, W] in [0, 1]
     cond = pipe.tensor_conditioning(text, shard.take(batch.embeds), kps)
     return diffusion_loss(lambda x, t: pipe.predict_noise(x, t, cond), scheduler, batch.latents, generator, gamma,
-                          shard)
+                          shard, timestep_draws)

@@ -69,7 +69,7 @@ def instantid_loss(pipe, data, config: InstantIDConfig) -> Callable:
     def loss_fn(generator: torch.Generator, shard: Shard) -> torch.Tensor:
         index = torch.randint(len(data), (config.batch_size,), generator=generator)
         batch = drop_conditions(data.rows(index), empty, config.caption_dropout, config.identity_dropout, generator)
-        return denoising_loss(pipe, batch, scheduler, generator, config.min_snr_gamma, shard)
+        return denoising_loss(pipe, batch, scheduler, generator, config.min_snr_gamma, shard, config.timestep_draws)
 
     return loss_fn
 
