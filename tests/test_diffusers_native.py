@@ -85,7 +85,10 @@ def test_a_lora_changes_the_image_and_unloading_restores_it_exactly(lora_dir, kp
     assert max_diff(run(pipe, kps_image, emb), base) > 1e-3
     pipe.unload_lora_weights()
     assert not has_lora(pipe.unet) and same_processors(before, pipe.unet)
-    assert max_diff(run(pipe, kps_image, emb), base) <= 1e-6
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(),
+                                                 tiny_pipeline("sdxl").unet.state_dict().values()))  # the weights, exactly
+    # the image to float32 rounding (2e-6 with torch 2.13: as much as running on 1 thread instead of 2 changes it)
+    assert max_diff(run(pipe, kps_image, emb), base) <= 1e-5
 
 
 @needs_peft
@@ -107,7 +110,7 @@ def test_lora_weights_scale_it_and_fusing_changes_nothing(lora_dir, kps_image, e
     pipe.load_lora_weights(lora_dir, adapter_name="style")
     full = run(pipe, kps_image, emb)
     pipe.set_adapters(["style"], adapter_weights=[0.0])
-    assert max_diff(run(pipe, kps_image, emb), base) <= 1e-6
+    assert max_diff(run(pipe, kps_image, emb), base) <= 1e-5  # float32 rounding (see the test above)
     pipe.set_adapters(["style"], adapter_weights=[0.5])
     half = run(pipe, kps_image, emb)
     assert max_diff(half, base) > 1e-3 and max_diff(half, full) > 1e-3

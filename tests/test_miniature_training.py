@@ -54,8 +54,9 @@ def losses(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("stage", sorted(RECORDED))
 def test_the_same_seed_gives_the_recorded_losses(losses, stage):
     assert len(losses[stage]) == len(RECORDED[stage])
-    # equal, but for float32 rounding (recorded on one thread; the suite may use more)
-    torch.testing.assert_close(torch.tensor(losses[stage]), torch.tensor(RECORDED[stage]), rtol=1e-6, atol=0)
+    # equal, but for float32 rounding, which differs with the thread count and between builds of the same torch
+    # version (up to 2e-5 relative seen); a change of the recipe moves these losses by far more
+    torch.testing.assert_close(torch.tensor(losses[stage]), torch.tensor(RECORDED[stage]), rtol=1e-4, atol=0)
 
 
 def test_a_corrupt_checkpoint_stops_the_resume_with_a_clear_error_and_is_left_alone(tmp_path):
