@@ -247,6 +247,24 @@ def test_on_checkpoint_scores_step_0_and_every_checkpoint_in_eval_mode(tmp_path)
     assert state.evals[-1]["loss"] < 0.5 * state.evals[0]["loss"]
 
 
+def test_with_an_ema_on_checkpoint_scores_the_averaged_weights_and_training_continues_on_the_raw_ones(tmp_path):
+    model, loss_fn, _ = toy_problem()
+    seen = []
+
+    def on_checkpoint(step):
+        seen.append(model.weight.detach().clone())
+        return {}
+
+    settings = replace(SETTINGS, ema_decay=0.9)
+    state = train_loop("toy", model, loss_fn, settings, None, progress=False, on_checkpoint=on_checkpoint)
+    plain_model, plain_loss, _ = toy_problem()
+    plain = train_loop("toy", plain_model, plain_loss, SETTINGS, None, progress=False)
+    assert state.losses == plain.losses  # scoring the average never changed the training
+    assert torch.equal(model.weight, plain_model.weight)  # the raw weights are back after each scoring
+    averaged = state.ema.shadow_params[0]
+    assert torch.equal(seen[-1], averaged) and not torch.equal(averaged, model.weight)
+
+
 def test_scores_survive_an_interruption_and_the_resumed_run_continues_them(tmp_path):
     whole = run_toy(tmp_path / "whole")
     partial = run_toy(tmp_path / "resumed", stop_after=3)
@@ -288,6 +306,31 @@ def test_train_instantid_on_a_base_folder_writes_parts_and_scores_into_another(q
     assert sorted(p.name for p in quick_base.iterdir()) == base_files  # nothing written into the base folder
     pipe = load_miniature(quick_base, instantid=out)
     assert pipe.controlnet is not None and pipe.has_identity_attention
+
+
+def test_instantid_ships_the_ema_weights_and_resumes_a_checkpoint_written_without_one(quick_base, tmp_path):
+    """The EMA only changes what is saved, never the training: same losses, other shipped weights. A run
+    interrupted before the EMA existed resumes with an EMA started at the resumed weights."""
+    from safetensors.torch import load_file
+
+    def run(out, ema_decay, stop_after=None):
+        config = replace(InstantIDConfig.quick(), ema_decay=ema_decay)
+        return train_instantid(config, out, base_dir=quick_base, stop_after=stop_after, progress=False)
+
+    def shipped_and_raw(out):
+        shipped = load_file(out / ADAPTER_FILE)
+        raw = torch.load(out / "instantid_checkpoint.pt", weights_only=True)["model"]
+        return shipped, {k: raw[k] for k in shipped}  # the parts' state-dict names equal the file's
+
+    plain, averaged = run(tmp_path / "plain", None), run(tmp_path / "ema", 0.999)
+    assert plain["losses"] == averaged["losses"]
+    shipped, raw = shipped_and_raw(tmp_path / "plain")
+    assert all(torch.equal(shipped[k], raw[k]) for k in shipped)  # no EMA: the last weights ship
+    shipped, raw = shipped_and_raw(tmp_path / "ema")
+    assert any(not torch.equal(shipped[k], raw[k]) for k in shipped)  # the average ships, not the last weights
+    run(tmp_path / "resumed", None, stop_after=3)
+    resumed = run(tmp_path / "resumed", 0.999)
+    assert resumed["steps"] == plain["steps"] and resumed["losses"] == plain["losses"]
 
 
 def test_the_training_cli_keeps_its_arguments_and_the_old_stage_name(quick_base, tmp_path):

@@ -62,6 +62,7 @@ class InstantIDConfig:
     identity_dropout: float = 0.1  # zero embedding: what the pipeline's negative identity uses
     min_snr_gamma: float = 5.0
     timestep_draws: int = 2  # each training timestep is the noisiest of this many uniform draws (1: uniform)
+    ema_decay: Optional[float] = 0.999  # ship the weights' moving average (None: the last weights)
     train_images: int = 24000
     checkpoint_every: int = 100
     eval_identities: int = 48

@@ -46,13 +46,16 @@ def train_instantid(config: InstantIDConfig, out: Path, stop_after: Optional[int
     parts = InstantIDParts.build(base.unet, config)
     pipe = parts.attach(base)
     on_checkpoint = identity_tracker(pipe, base_dir, track) if track else None
-    settings = LoopSettings(config.steps, config.lr, config.warmup, checkpoint_every=config.checkpoint_every)
+    settings = LoopSettings(config.steps, config.lr, config.warmup, ema_decay=config.ema_decay,
+                            checkpoint_every=config.checkpoint_every)
     state = train_loop("instantid", parts, instantid_loss(pipe, data, config), settings, out, stop_after=stop_after,
                        progress=progress, on_checkpoint=on_checkpoint)
     if not state.finished:
         return unfinished(state)
     if not is_main_process():
         return follower(state)
+    if state.ema is not None:
+        state.ema.copy_to([p for p in parts.parameters() if p.requires_grad])  # the EMA weights are what ships
     parts.save(out)
     return write_report(out, "instantid", {
         "config": asdict(config), "steps": state.step, "train_seconds": round(state.seconds, 1),

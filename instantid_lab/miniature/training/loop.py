@@ -148,7 +148,8 @@ def train_loop(name: str, model: nn.Module, loss_fn: LossFn, s: LoopSettings, ou
     :param out: folder for the checkpoint (None: no checkpoint, no resume).
     :param stop_after: stop (after checkpointing) once this many steps are done, as an interruption would.
     :param on_checkpoint: called with the step number at step 0 and at every checkpoint (model in eval
-        mode); what it returns is kept, with the step, in `evals` (and in the checkpoint).
+        mode, holding the EMA weights if `s.ema_decay` is set: what would ship); what it returns is kept,
+        with the step, in `evals` (and in the checkpoint).
     """
     from accelerate import Accelerator
 
@@ -228,10 +229,17 @@ class _Run:
         self.accelerator.wait_for_everyone()
 
     def _evaluate(self, step: int) -> dict:
+        """`on_checkpoint(step)` on the weights that would ship: the EMA's, if there is one."""
+        ema = self.state.ema
         self.model.eval()
+        if ema is not None:
+            ema.store(self.params)
+            ema.copy_to(self.params)
         try:
             return self.on_checkpoint(step)
         finally:
+            if ema is not None:
+                ema.restore(self.params)
             self.model.train()
 
     def _save(self) -> None:
@@ -259,8 +267,10 @@ class _Run:
         self.generator.set_state(payload["generator"])
         if self.schedule is not None:
             self.schedule.load_state_dict(payload["schedule"])
-        if self.state.ema is not None:
+        if self.state.ema is not None and payload.get("ema") is not None:
             self.state.ema.load_state_dict(payload["ema"])
+        elif self.state.ema is not None:  # a checkpoint written without an EMA: the average starts here
+            self.state.ema = _ema(self.params, self.s)
         self.state.step, self.state.losses = payload["step"], list(payload["losses"])
         self.state.seconds, self.state.evals = payload["seconds"], json.loads(payload["evals"])
 
