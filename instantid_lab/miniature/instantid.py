@@ -54,7 +54,7 @@ class InstantIDConfig:
     resampler_depth: int = 2
     embedding_dim: int = 64  # the conditioning recogniser's output
     conditioning_channels: tuple = (16, 32)  # one 2x downsampling: 32 px keypoint image -> 16x16 latents
-    steps: int = 6000
+    steps: int = 9600
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100
@@ -64,7 +64,7 @@ class InstantIDConfig:
     timestep_draws: int = 2  # each training timestep is the noisiest of this many uniform draws (1: uniform)
     ema_decay: Optional[float] = 0.999  # ship the weights' moving average (None: the last weights)
     train_images: int = 24000
-    checkpoint_every: int = 100
+    checkpoint_every: int = 500
     eval_identities: int = 48
 
     @classmethod
