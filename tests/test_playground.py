@@ -231,8 +231,9 @@ def test_a_new_request_cancels_the_running_one_at_its_next_step():
 
 
 def test_waiting_requests_are_replaced_not_queued():
-    runner, release, ran = LatestOnly(), threading.Event(), []
-    blocker = runner.submit(lambda job: release.wait(5) and job.step(1, 1))
+    runner, started, release, ran = LatestOnly(), threading.Event(), threading.Event(), []
+    blocker = runner.submit(lambda job: started.set() or (release.wait(5) and job.step(1, 1)))
+    assert started.wait(5)  # the blocker runs: what follows waits behind it (else a slow thread start races)
     waiting = [runner.submit(lambda job, k=k: ran.append(k) or k) for k in range(3)]
     release.set()
     assert waiting[-1].result(timeout=5) == 2 and ran == [2]
