@@ -255,14 +255,17 @@ def test_with_an_ema_on_checkpoint_scores_the_averaged_weights_and_training_cont
         seen.append(model.weight.detach().clone())
         return {}
 
-    settings = replace(SETTINGS, ema_decay=0.9)
-    state = train_loop("toy", model, loss_fn, settings, None, progress=False, on_checkpoint=on_checkpoint)
+    settings, stop = replace(SETTINGS, ema_decay=0.9), SETTINGS.steps - 1  # interrupted: the model keeps its raw weights
+    state = train_loop("toy", model, loss_fn, settings, None, stop_after=stop, progress=False, on_checkpoint=on_checkpoint)
     plain_model, plain_loss, _ = toy_problem()
-    plain = train_loop("toy", plain_model, plain_loss, SETTINGS, None, progress=False)
+    plain = train_loop("toy", plain_model, plain_loss, SETTINGS, None, stop_after=stop, progress=False)
     assert state.losses == plain.losses  # scoring the average never changed the training
     assert torch.equal(model.weight, plain_model.weight)  # the raw weights are back after each scoring
     averaged = state.ema.shadow_params[0]
     assert torch.equal(seen[-1], averaged) and not torch.equal(averaged, model.weight)
+    finished_model, finished_loss, _ = toy_problem()
+    finished = train_loop("toy", finished_model, finished_loss, settings, None, progress=False)
+    assert torch.equal(finished_model.weight, finished.ema.shadow_params[0])  # a finished run holds the average
 
 
 def test_scores_survive_an_interruption_and_the_resumed_run_continues_them(tmp_path):

@@ -53,7 +53,6 @@ def train_base(config: BaseConfig, out: Path, stop_after: Optional[int] = None, 
         return unfinished(state)
     if not is_main_process():
         return follower(state)
-    state.ema.copy_to([p for p in model.parameters() if p.requires_grad])  # the EMA weights are what ships
     save_base(pipe, out)
     return write_report(out, "base", {
         "config": asdict(config), "steps": state.step, "train_seconds": round(state.seconds, 1),

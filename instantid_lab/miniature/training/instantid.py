@@ -54,8 +54,6 @@ def train_instantid(config: InstantIDConfig, out: Path, stop_after: Optional[int
         return unfinished(state)
     if not is_main_process():
         return follower(state)
-    if state.ema is not None:
-        state.ema.copy_to([p for p in parts.parameters() if p.requires_grad])  # the EMA weights are what ships
     parts.save(out)
     return write_report(out, "instantid", {
         "config": asdict(config), "steps": state.step, "train_seconds": round(state.seconds, 1),

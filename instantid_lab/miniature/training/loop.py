@@ -69,7 +69,8 @@ class LoopSettings:
 
     :param schedule: "cosine" (warmup, then cosine to `final_lr_fraction`) or "one_cycle" (OneCycleLR).
     :param clip_grad_norm: clip the gradients' global norm to this (None: no clipping).
-    :param ema_decay: keep an EMA of the weights with this decay (None: no EMA).
+    :param ema_decay: keep an EMA of the weights with this decay (None: no EMA); a finished run leaves the
+        EMA weights in the model (what the stages save).
     :param mixed_precision: the `Accelerator`'s setting: "no", "fp16" or "bf16".
     """
 
@@ -167,6 +168,8 @@ def train_loop(name: str, model: nn.Module, loss_fn: LossFn, s: LoopSettings, ou
             run.checkpoint()
     model.eval()
     run.state.finished = run.state.step >= s.steps
+    if run.state.finished and run.state.ema is not None:
+        run.state.ema.copy_to(run.params)  # a finished run's model holds the EMA weights: what ships
     return run.state
 
 
