@@ -14,7 +14,11 @@ from instantid_lab.miniature.base import BaseConfig, caption_tokenizer, load_bas
 from instantid_lab.miniature.instantid import (
     ADAPTER_FILE, InstantIDConfig, InstantIDParts, keypoint_image, load_miniature,
 )
-from instantid_lab.miniature.objective import drop_captions, min_snr_v_loss, sample_timesteps
+from instantid_lab.miniature.base import training_scheduler
+from instantid_lab.miniature.objective import (
+    TrainingBatch, denoising_loss, drop_captions, drop_paths, min_snr_v_loss, sample_timesteps,
+)
+from instantid_lab.pipeline import InstantIDPipeline
 from instantid_lab.miniature.recognizer import FaceRecognizer, RecognizerConfig, load_recognizer, save_recognizer
 from instantid_lab.miniature.training import (
     LoopSettings, checkpoint_path, train_autoencoder, train_base, train_instantid, train_loop,
@@ -105,6 +109,44 @@ def test_caption_dropout_replaces_rows_by_the_empty_caption():
     g = torch.Generator().manual_seed(0)
     assert torch.equal(drop_captions(ids, empty, 0.0, g), ids)
     assert torch.equal(drop_captions(ids, empty, 1.0, g), empty.expand(3, 4))
+
+
+def test_path_dropout_switches_off_one_identity_path_per_sample_at_the_given_rates():
+    batch = identity_like_batch(4000)
+    g = torch.Generator().manual_seed(0)
+    assert drop_paths(batch, 0.0, 0.0, g) is batch
+    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(0)))  # none drawn
+    dropped = drop_paths(batch, 0.2, 0.1, torch.Generator().manual_seed(1))
+    adapter, identitynet = dropped.adapter_scale, dropped.identitynet_scale  # [B] each, 0 or 1
+    assert set(adapter.unique().tolist()) == set(identitynet.unique().tolist()) == {0.0, 1.0}
+    assert float((identitynet == 0).float().mean()) == pytest.approx(0.2, abs=0.02)  # adapter only
+    assert float((adapter == 0).float().mean()) == pytest.approx(0.1, abs=0.02)  # IdentityNet only
+    assert not bool(((adapter == 0) & (identitynet == 0)).any())  # never both off
+    assert torch.equal(dropped.rows(slice(0, 5)).adapter_scale, adapter[:5])
+    for bad in [(-0.1, 0.0), (0.7, 0.4)]:
+        with pytest.raises(InputError, match="adapter_only"):
+            drop_paths(batch, *bad, g)
+
+
+def identity_like_batch(n: int):
+    return TrainingBatch(torch.zeros(n, 8, 2, 2), torch.zeros(n, 3, dtype=torch.long), torch.ones(n, 64),
+                         torch.zeros(n, 3, 4, 4, dtype=torch.uint8))
+
+
+def test_a_sample_trained_with_identitynet_off_gets_the_loss_of_a_pipeline_without_identitynet(trained):
+    out, _, _ = trained
+    base = load_base(out)
+    data = identity_batch(base.vae, base.tokenizer, load_recognizer(out / RECOGNIZER), 4, seed=4)
+    parts = InstantIDParts.build(base.unet, InstantIDConfig.quick())
+    for conv in [*parts.identitynet.controlnet_down_blocks, parts.identitynet.controlnet_mid_block]:
+        conv.reset_parameters()  # a trained-looking IdentityNet: its zero-initialised outputs would hide it
+    with_identitynet = parts.attach(base)
+    without = InstantIDPipeline(**{**with_identitynet.components, "controlnet": None})
+    loss = lambda pipe, batch: float(denoising_loss(pipe, batch, training_scheduler(), torch.Generator().manual_seed(3)))
+    with torch.no_grad():
+        adapter_only = drop_paths(data, 1.0, 0.0, torch.Generator())
+        assert loss(with_identitynet, adapter_only) == pytest.approx(loss(without, replace(data, kps_images=None)), rel=1e-5)
+        assert loss(with_identitynet, data) != pytest.approx(loss(with_identitynet, adapter_only), rel=1e-3)
 
 
 def test_min_snr_weight_is_min_snr_gamma_over_snr_plus_one():

@@ -60,6 +60,8 @@ class InstantIDConfig:
     warmup: int = 100
     caption_dropout: float = 0.1
     identity_dropout: float = 0.1  # zero embedding: what the pipeline's negative identity uses
+    adapter_only: float = 0.0  # fraction of samples trained with IdentityNet off (`objective.drop_paths`)
+    identitynet_only: float = 0.0  # fraction of samples trained with the adapter off
     min_snr_gamma: float = 5.0
     timestep_draws: int = 2  # each training timestep is the noisiest of this many uniform draws (1: uniform)
     ema_decay: Optional[float] = 0.999  # ship the weights' moving average (None: the last weights)

@@ -65,12 +65,16 @@ class TrainingBatch:
     :param ids: caption token ids, [B, L].
     :param embeds: identity embeddings of the conditioning recogniser, [B, E] (InstantID only).
     :param kps_images: keypoint images, uint8 [B, 3, H, W] (InstantID only).
+    :param adapter_scale, identitynet_scale: per-sample scales of the two identity paths, [B]
+        (`drop_paths`); None: 1 for every sample.
     """
 
     latents: Tensor
     ids: Tensor
     embeds: Optional[Tensor] = None
     kps_images: Optional[Tensor] = None
+    adapter_scale: Optional[Tensor] = None
+    identitynet_scale: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -107,6 +111,26 @@ def drop_conditions(batch: TrainingBatch, empty_ids: Tensor, caption_p: float, i
     if batch.embeds is None:
         return batch
     return replace(batch, embeds=drop_identities(batch.embeds, identity_p, generator))
+
+
+def drop_paths(batch: TrainingBatch, adapter_only: float, identitynet_only: float,
+               generator: torch.Generator) -> TrainingBatch:
+    """The batch with one identity path switched off per sample: IdentityNet (scale 0) with probability
+    `adapter_only`, else the adapter with probability `identitynet_only`; the other samples train both.
+
+    Trained together, IdentityNet learns identity first and the adapter adds little of its own; samples
+    with one path off make each path carry identity alone (and train exactly the ablation rows
+    "adapter only" and "IdentityNet only"). Both probabilities 0: the batch unchanged, no number drawn.
+    """
+    if adapter_only < 0 or identitynet_only < 0 or adapter_only + identitynet_only > 1:
+        raise InputError(f"adapter_only ({adapter_only}) and identitynet_only ({identitynet_only}) are probabilities "
+                         "of disjoint events: each >= 0 and their sum <= 1")
+    if adapter_only == identitynet_only == 0:
+        return batch
+    u = torch.rand(len(batch), generator=generator)  # [B]
+    identitynet_off = u < adapter_only
+    adapter_off = (u >= adapter_only) & (u < adapter_only + identitynet_only)
+    return replace(batch, adapter_scale=(~adapter_off).float(), identitynet_scale=(~identitynet_off).float())
 
 
 def min_snr_v_loss(v_pred: Tensor, v_target: Tensor, snr: Tensor, gamma: float = 5.0) -> Tensor:
@@ -162,6 +186,8 @@ def denoising_loss(pipe, batch: TrainingBatch, scheduler, generator: torch.Gener
     text = pipe.text_encoder(shard.take(batch.ids)).last_hidden_state  # [b, L, C]
     kps = shard.take(batch.kps_images)
     kps = None if kps is None else kps.float() / 255  # [b, 3, H, W] in [0, 1]
-    cond = pipe.tensor_conditioning(text, shard.take(batch.embeds), kps)
+    scales = {name: shard.take(getattr(batch, name)) for name in ("adapter_scale", "identitynet_scale")
+              if getattr(batch, name) is not None}
+    cond = pipe.tensor_conditioning(text, shard.take(batch.embeds), kps, **scales)
     return diffusion_loss(lambda x, t: pipe.predict_noise(x, t, cond), scheduler, batch.latents, generator, gamma,
                           shard, timestep_draws)

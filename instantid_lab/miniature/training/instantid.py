@@ -18,7 +18,7 @@ from ...images import image_sheet
 from ..base import load_base, tokenize, training_scheduler
 from ..evaluate import HeldoutTask, Judges, evaluate_ablations, generate
 from ..instantid import InstantIDConfig, InstantIDParts, load_miniature
-from ..objective import Shard, denoising_loss, drop_conditions
+from ..objective import Shard, denoising_loss, drop_conditions, drop_paths
 from ..recognizer import load_recognizer
 from .data import cached, identity_batch
 from .loop import LoopSettings, is_main_process, train_loop, training_device
@@ -64,12 +64,14 @@ def train_instantid(config: InstantIDConfig, out: Path, stop_after: Optional[int
 
 def instantid_loss(pipe, data, config: InstantIDConfig) -> Callable:
     """`loss_fn` for `train_loop`: `denoising_loss` of `pipe` on a random batch of `data` (a `TrainingBatch`),
-    captions and identities dropped (`config.caption_dropout`, `config.identity_dropout`)."""
+    captions and identities dropped (`config.caption_dropout`, `config.identity_dropout`), one identity path
+    off for some samples (`config.adapter_only`, `config.identitynet_only`)."""
     scheduler, empty = training_scheduler(), tokenize(pipe.tokenizer, [""])[0]
 
     def loss_fn(generator: torch.Generator, shard: Shard) -> torch.Tensor:
         index = torch.randint(len(data), (config.batch_size,), generator=generator)
         batch = drop_conditions(data.rows(index), empty, config.caption_dropout, config.identity_dropout, generator)
+        batch = drop_paths(batch, config.adapter_only, config.identitynet_only, generator)
         return denoising_loss(pipe, batch, scheduler, generator, config.min_snr_gamma, shard, config.timestep_draws)
 
     return loss_fn
