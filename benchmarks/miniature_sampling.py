@@ -1,6 +1,6 @@
 """Seconds per 32-px image of the shipped miniature, one image per call vs a batch per call, side by side.
 
-The same held-out task (references, target keypoints and captions), the same sampler (DDIM, guidance 3),
+The same held-out task (references, target keypoints and captions), the same sampler (DDIM, the miniature's guidance),
 runs interleaved (single, batched, single, batched, ...) in one process, one torch thread by default.
 Prints the median seconds per image of each way and their ratio, for the step counts asked for.
 
@@ -16,6 +16,7 @@ import time
 import torch
 
 from instantid_lab.data import MINIATURE_DIR
+from instantid_lab.miniature.base import GUIDANCE_SCALE
 from instantid_lab.miniature.evaluate import HeldoutTask
 from instantid_lab.miniature.recognizer import embed_images, load_recognizer
 from instantid_lab.miniature.world import images_to_tensor
@@ -24,7 +25,7 @@ from instantid_lab.worlds import load_pipeline
 
 def seconds_per_image(pipe, prompts, embeds, kps_images, steps: int) -> float:
     start = time.perf_counter()
-    pipe(prompts, list(embeds), kps_images, num_inference_steps=steps, guidance_scale=3.0,
+    pipe(prompts, list(embeds), kps_images, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE,
          generator=torch.Generator().manual_seed(0))
     return (time.perf_counter() - start) / len(prompts)
 
@@ -43,7 +44,7 @@ def main() -> None:
     conditioner = load_recognizer(MINIATURE_DIR / "recognizer_conditioner.safetensors")
     embeds = embed_images(conditioner, images_to_tensor([s.image for s in task.references]))
     prompts, kps = task.prompts(), task.keypoint_images()
-    print(f"miniature, DDIM, guidance 3, {args.threads} thread(s), batch {args.batch}, median of {args.repeats}")
+    print(f"miniature, DDIM, guidance {GUIDANCE_SCALE}, {args.threads} thread(s), batch {args.batch}, median of {args.repeats}")
     for steps in args.steps:
         single, batched = [], []
         for _ in range(args.repeats):

@@ -30,6 +30,7 @@ from .errors import InputError
 from .face_analysis import FaceAnalyzer, get_face_analyzer
 from .keypoints import draw_kps, fit_size, resize_kps
 from .loading import load_sdxl_instantid
+from .miniature.base import GUIDANCE_SCALE, SAMPLING_STEPS
 from .miniature.instantid import keypoint_image as miniature_keypoint_image
 from .miniature.instantid import load_miniature
 from .miniature.world import Caption
@@ -112,7 +113,7 @@ def open_world(mode: str = "miniature", ci: bool = False, device: Optional[str] 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if mode == "miniature":
         world = World(mode, load_pipeline("miniature").to(device), get_face_analyzer("miniature"), 32, 32,
-                      10 if ci else 20, 3.0, Caption(background="green", expression="smiling").text(), "smiling")
+                      10 if ci else SAMPLING_STEPS, GUIDANCE_SCALE, Caption(background="green", expression="smiling").text(), "smiling")
     elif mode == "tiny":
         torch.set_num_threads(1)  # tiny models run fastest on one thread
         analyzer = get_face_analyzer("auto")

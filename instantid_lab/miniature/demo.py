@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..building import seeded
 from ..identitynet import identitynet_from_unet
+from .base import GUIDANCE_SCALE, SAMPLING_STEPS
 
 #: (adapter scale, IdentityNet scale) of one row of a sweep.
 Setting = tuple[float, float]
@@ -25,7 +26,7 @@ Setting = tuple[float, float]
 
 @torch.no_grad()
 def sweep(pipe, prompts: Sequence[str], embeddings: Sequence, keypoint_images: Sequence, settings: Sequence[Setting],
-          steps: int = 20, guidance_scale: float = 3.0, seed: int = 0, height: Optional[int] = None,
+          steps: int = SAMPLING_STEPS, guidance_scale: float = GUIDANCE_SCALE, seed: int = 0, height: Optional[int] = None,
           width: Optional[int] = None) -> list[list[Image.Image]]:
     """Generate K images once per setting, in one batched call, image k from the same noise in every setting.
 

@@ -36,6 +36,7 @@ from torch import Tensor
 from ..data import MINIATURE_DIR
 from ..errors import LabError
 from ..images import ImageLike, image_sheet, load_image
+from .base import GUIDANCE_SCALE, SAMPLING_STEPS
 from .inspector import ATTRIBUTES, inspect, load_inspector
 from .instantid import keypoint_image, load_miniature
 from .recognizer import embed_images, load_recognizer
@@ -95,7 +96,7 @@ class Judges:
 
 @torch.no_grad()
 def generate(pipe, task: HeldoutTask, conditioner, adapter_scale: float, identitynet_scale: float,
-             steps: int = 20, guidance_scale: float = 3.0, seed: int = 0) -> list[Image.Image]:
+             steps: int = SAMPLING_STEPS, guidance_scale: float = GUIDANCE_SCALE, seed: int = 0) -> list[Image.Image]:
     """The task's K images at the given scales (same seed, hence same initial noise, for every setting)."""
     embeds = embed_images(conditioner, images_to_tensor([s.image for s in task.references]))  # [K, E]
     return pipe(task.prompts(), list(embeds), task.keypoint_images(), adapter_scale=adapter_scale,
@@ -104,7 +105,7 @@ def generate(pipe, task: HeldoutTask, conditioner, adapter_scale: float, identit
 
 
 def evaluate_ablations(pipe, conditioner, evaluator, inspector, n_identities: int = 48,
-                       ablations: dict = ABLATIONS, steps: int = 20, guidance_scale: float = 3.0,
+                       ablations: dict = ABLATIONS, steps: int = SAMPLING_STEPS, guidance_scale: float = GUIDANCE_SCALE,
                        seed: int = 0, first: int = 0) -> dict:
     """Score each ablation (name -> (adapter scale, IdentityNet scale)) and the real target renders on
     `HeldoutTask.make(n_identities, seed, first)`; `seed` also draws the starting noise.
@@ -248,8 +249,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sets", type=int, nargs="+", default=list(PROTOCOL_SETS),
                         help="first index into HELDOUT_IDS of each identity set")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="noise (and pose, caption) seeds")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=SAMPLING_STEPS)
+    parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE)
     parser.add_argument("--out", type=Path, default=Path("outputs/ablation"))
     args = parser.parse_args(argv)
     if args.identities < 2 or args.steps < 1:

@@ -29,6 +29,7 @@ from PIL import Image
 
 from ..errors import InputError
 from ..keypoints import as_kps, mirror_kps, rotate_kps, scale_kps, translate_kps
+from ..miniature.base import GUIDANCE_SCALE, SAMPLING_STEPS
 from ..miniature.world import Caption
 
 #: The request fields a sweep can vary in one batched call (the pipeline takes them per image).
@@ -99,8 +100,8 @@ class GenerationRequest:
     control_end: float = 1.0
     pose: PoseEdit = field(default_factory=PoseEdit)
     seed: int = 0
-    steps: int = 20
-    guidance: float = 3.0
+    steps: int = SAMPLING_STEPS
+    guidance: float = GUIDANCE_SCALE
 
     def describe(self) -> str:
         """One line for the readouts and the history strip."""

@@ -18,8 +18,8 @@ from torch import nn
 from ...images import image_sheet
 from ...pipeline import InstantIDPipeline
 from ..autoencoder import load_vae
-from ..base import (BaseConfig, build_text_encoder, build_unet, caption_tokenizer, sampling_scheduler, save_base,
-                    tokenize, training_scheduler)
+from ..base import (GUIDANCE_SCALE, SAMPLING_STEPS, BaseConfig, build_text_encoder, build_unet, caption_tokenizer,
+                    sampling_scheduler, save_base, tokenize, training_scheduler)
 from ..evaluate import background_of, caption_accuracy
 from ..inspector import inspect, load_inspector
 from ..objective import Shard, denoising_loss, drop_conditions
@@ -60,7 +60,8 @@ def train_base(config: BaseConfig, out: Path, stop_after: Optional[int] = None, 
 
 
 @torch.no_grad()
-def evaluate_base(pipe: InstantIDPipeline, out: Path, n: int = 48, steps: int = 20, guidance: float = 3.0) -> dict:
+def evaluate_base(pipe: InstantIDPipeline, out: Path, n: int = 48, steps: int = SAMPLING_STEPS,
+                  guidance: float = GUIDANCE_SCALE) -> dict:
     """Sample `n` random captions; report how often the background matches (and, when `out` holds the
     inspector, how often each caption attribute and all four are right); save `out/base_samples.png`."""
     captions = [Caption.sample(np.random.default_rng([7, i])) for i in range(n)]
