@@ -7,7 +7,7 @@
                      guidance_scale=lab.guidance).images[0]
 
 - "miniature": the trained 32-px miniature shipped in `data/miniature`, any machine: real identity
-  and pose behaviour on cartoon faces; its face analyzer, its keypoint drawing, guidance 3.
+  and pose behaviour on cartoon faces; its face analyzer, its keypoint drawing, guidance 3.5.
 - "tiny": random tiny SDXL-shaped weights, any machine: shapes and mechanics only.
 - "sdxl": SDXL + the released InstantID weights placed locally (`loading.load_sdxl_instantid`),
   antelopev2 for faces; float16 on a GPU.

@@ -9,6 +9,7 @@ from instantid_lab.images import enlarge
 from instantid_lab.keypoints import KPS_COLORS, draw_kps
 from instantid_lab.viz import draw_faces
 from instantid_lab.miniature import demo
+from instantid_lab.miniature.base import GUIDANCE_SCALE
 from instantid_lab.miniature.inspector import FaceInspector, InspectorConfig, inspect
 from instantid_lab.miniature.evaluate import keypoint_errors
 from instantid_lab.miniature.world import HELDOUT_IDS, images_to_tensor, render_id
@@ -53,7 +54,7 @@ def test_sweep_gives_each_image_the_same_noise_in_every_setting(pipe):
     noise = torch.randn(2, 4, size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor,
                         generator=torch.Generator().manual_seed(3))
     alone = pipe(prompts[1], embeddings[1], kps[1], adapter_scale=0.0, identitynet_scale=0.0, num_inference_steps=2,
-                 guidance_scale=3.0, latents=noise[1:]).images[0]
+                 guidance_scale=GUIDANCE_SCALE, latents=noise[1:]).images[0]
     assert np.abs(np.asarray(alone, np.float32) - as_array(rows[1])[1]).max() <= 1
 
 

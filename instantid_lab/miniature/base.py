@@ -134,7 +134,7 @@ def tokenize(tokenizer, captions: Sequence[str]) -> Tensor:
 #: The miniature's sampler defaults (DDIM, `sampling_scheduler`): denoising steps and classifier-free guidance
 #: scale. Every notebook, the evaluation protocol and the lab sample with these unless told otherwise.
 SAMPLING_STEPS = 20
-GUIDANCE_SCALE = 3.0
+GUIDANCE_SCALE = 3.5
 
 #: The base's parts, each a diffusers / transformers folder in the miniature's folder.
 BASE_PARTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
