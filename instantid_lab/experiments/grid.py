@@ -43,6 +43,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import InputError, LabError
+from ..miniature.base import GUIDANCE_SCALE, SAMPLING_STEPS
 from ..miniature.evaluate import ABLATIONS
 from ..miniature.training.loop import process_state
 from ..types import PathLike
@@ -80,8 +81,8 @@ class Knobs:
     control_guidance_start: float = 0.0
     control_guidance_end: float = 1.0
     negative_identity: str = "zeros"
-    num_inference_steps: int = 20
-    guidance_scale: float = 3.0
+    num_inference_steps: int = SAMPLING_STEPS
+    guidance_scale: float = GUIDANCE_SCALE
 
     def __post_init__(self):
         for name, allowed in [("prompt", PROMPTS), ("pose", POSES), ("keypoint_image", KEYPOINT_IMAGES),
@@ -206,8 +207,8 @@ PRESETS = {
 }
 
 
-def preset(name: str, identities: int = 8, prompts: int = 1, seeds: Sequence[int] = (0,), steps: int = 20,
-           guidance_scale: float = 3.0, **fixed) -> Grid:
+def preset(name: str, identities: int = 8, prompts: int = 1, seeds: Sequence[int] = (0,),
+           steps: int = SAMPLING_STEPS, guidance_scale: float = GUIDANCE_SCALE, **fixed) -> Grid:
     """A named grid: "scales" (adapter x IdentityNet scale, Fig. 9), "parts" (base / adapter only /
     IdentityNet only / both), "prompt" (empty prompt / prompt / prompt + an extra ControlNet, Fig. 3),
     "windows" (IdentityNet's start x end), "negative" (negative identity zeros vs noise x adapter scale).
@@ -361,8 +362,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--identities", type=int, default=8, help="held-out identities K")
     parser.add_argument("--prompts", type=int, default=1, help="target renders (prompt + keypoints) per identity")
     parser.add_argument("--seeds", type=int, default=1, help="noise seeds per identity and prompt")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=SAMPLING_STEPS, help="DDIM steps")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE)
     parser.add_argument("--max-batch", type=int, default=64, help="images per denoising call")
     parser.add_argument("--folder", type=Path, default=None, help="the miniature's weights (default: shipped)")
     args = parser.parse_args(argv)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..data import face_photos
 from ..images import load_image
+from ..miniature.base import GUIDANCE_SCALE, SAMPLING_STEPS
 from ..miniature.instantid import keypoint_image
 from ..miniature.training.loop import process_state
 from ..miniature.world import HELDOUT_IDS, Caption, Pose, render_id
@@ -64,8 +65,8 @@ class StudySettings:
     n_references: tuple = (1, 2, 4, 6)
     combiners: tuple = COMBINERS
     weight_by: str = "area"
-    steps: int = 20
-    guidance_scale: float = 3.0
+    steps: int = SAMPLING_STEPS
+    guidance_scale: float = GUIDANCE_SCALE
     task_seed: int = 0
     batch_size: Optional[int] = None
 

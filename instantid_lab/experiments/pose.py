@@ -28,6 +28,7 @@ import pandas as pd
 
 from PIL import Image
 
+from ..miniature.base import GUIDANCE_SCALE, SAMPLING_STEPS
 from ..miniature.evaluate import HeldoutTask
 from ..miniature.instantid import keypoint_image
 from ..types import PathLike
@@ -40,7 +41,8 @@ AXES = {"IdentityNet scale": "identitynet_scale", "window end": "control_guidanc
         "no keypoints": "identitynet_scale"}
 
 
-def pose_grids(identities: int = 8, seeds: Sequence[int] = (0,), steps: int = 20, guidance_scale: float = 3.0,
+def pose_grids(identities: int = 8, seeds: Sequence[int] = (0,), steps: int = SAMPLING_STEPS,
+               guidance_scale: float = GUIDANCE_SCALE,
                scales: Sequence[float] = (0.0, 0.5, 1.0, 1.5), ends: Sequence[float] = (0.3, 0.6, 1.0)) -> dict:
     """The three knobs' grids (name -> `Grid`), all asking for the turned pose with the target's caption."""
     fixed = {"pose": "turned", "num_inference_steps": steps, "guidance_scale": guidance_scale}
