@@ -113,7 +113,8 @@ def open_world(mode: str = "miniature", ci: bool = False, device: Optional[str] 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if mode == "miniature":
         world = World(mode, load_pipeline("miniature").to(device), get_face_analyzer("miniature"), 32, 32,
-                      10 if ci else SAMPLING_STEPS, GUIDANCE_SCALE, Caption(background="green", expression="smiling").text(), "smiling")
+                      10 if ci else SAMPLING_STEPS, GUIDANCE_SCALE,
+                      Caption(background="green", expression="smiling").text(), "smiling")
     elif mode == "tiny":
         torch.set_num_threads(1)  # tiny models run fastest on one thread
         analyzer = get_face_analyzer("auto")
