@@ -272,14 +272,18 @@ def live(world, references):
     playground.close()
 
 
-def test_adapter_and_identitynet_carry_the_identity_for_the_same_seed(live, references):
-    live.set(references=(references.keys[1],), adapter_scale=0.0, identitynet_scale=0.0, seed=0)
-    both_off = live.generate(wait=True)
-    live.set(adapter_scale=1.0, identitynet_scale=1.0)
-    both_on = live.generate(wait=True)
-    assert both_on.readout.identity_similarity > both_off.readout.identity_similarity + 0.3
-    assert both_on.readout.keypoint_error < both_off.readout.keypoint_error
-    assert both_on.target is not None and both_on.readout.target_similarity > 0.5
+def test_adapter_and_identitynet_carry_the_identity_for_the_same_seeds(live, references):
+    pairs = []                                       # (both off, both on) from the same noise, per seed
+    for seed in range(3):
+        live.set(references=(references.keys[1],), adapter_scale=0.0, identitynet_scale=0.0, seed=seed)
+        both_off = live.generate(wait=True)
+        live.set(adapter_scale=1.0, identitynet_scale=1.0)
+        pairs.append((both_off, live.generate(wait=True)))
+    off = np.mean([o.readout.identity_similarity for o, _ in pairs])
+    on = np.mean([o.readout.identity_similarity for _, o in pairs])
+    assert on > off + 0.3                            # one seed's base image can land near the person by chance
+    assert all(o.readout.keypoint_error < f.readout.keypoint_error for f, o in pairs)
+    assert all(o.target is not None and o.readout.target_similarity > 0.5 for _, o in pairs)
 
 
 def test_a_sweep_gives_the_images_of_separate_calls(live):
