@@ -344,10 +344,13 @@ def test_the_training_cli_keeps_its_arguments_and_the_old_stage_name(quick_base,
     assert args.base_dir == quick_base and args.stage == "instantid"
     assert ALIASES[parse_args(["encoders"]).stage] == "recognizers"
     done = subprocess.run([sys.executable, "-m", "instantid_lab.miniature.train", "instantid", "--preset", "quick",
-                           "--base-dir", str(quick_base), "--out", str(tmp_path), "--steps", "2"],
+                           "--base-dir", str(quick_base), "--out", str(tmp_path), "--steps", "2",
+                           "--set", "timestep_draws=3", "--set", "ema_decay=None"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((tmp_path / "instantid.json").read_text())["steps"] == 2
+    report = json.loads((tmp_path / "instantid.json").read_text())
+    assert report["steps"] == 2
+    assert report["config"]["timestep_draws"] == 3 and report["config"]["ema_decay"] is None  # --set is recorded
 
 
 def test_miniature_analyzer_finds_no_face_in_a_blank_image_and_scores_renders(analyzer):

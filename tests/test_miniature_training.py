@@ -103,6 +103,33 @@ def test_the_training_cli_reports_missing_parts_in_one_line_without_a_traceback(
     assert "run the autoencoder stage first" in done.stderr or "train the miniature first" in done.stderr
 
 
+def test_set_changes_one_config_field_with_its_type_and_names_what_is_wrong():
+    from instantid_lab.errors import InputError
+    from instantid_lab.miniature.instantid import InstantIDConfig
+    from instantid_lab.miniature.train import apply_overrides
+
+    preset = InstantIDConfig.full()
+    changed = apply_overrides(preset, ["timestep_draws=3", "lr = 2", "ema_decay=None", "conditioning_channels=[8, 16]"])
+    assert (changed.timestep_draws, changed.lr, changed.ema_decay, changed.conditioning_channels) == (3, 2.0, None, (8, 16))
+    assert isinstance(changed.lr, float) and changed.steps == preset.steps  # ints widen to floats; the rest stays
+    for item, says in [("timestep_draw=3", "NAME one of"), ("steps", "NAME=VALUE"), ("steps=3.5", "steps takes int"),
+                       ("steps=None", "steps takes int"), ("timestep_draws=True", "takes int"),
+                       ("lr=fast", "not a Python literal"), ("ema_decay='x'", "float or None")]:
+        with pytest.raises(InputError, match=says):
+            apply_overrides(preset, [item])
+
+
+def test_the_training_cli_rejects_a_bad_set_in_one_line_before_training(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "instantid_lab.miniature.train", "autoencoder", "--out", str(tmp_path),
+                           "--set", "stepz=3"], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: --set 'stepz=3'") and "steps" in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing was trained or written
+
+
 def test_two_processes_train_a_stage_with_the_loss_curve_of_one_process_at_the_same_global_batch(tmp_path):
     """Data parallel (gloo, CPU): each process scores half of the same global batch, gradients are averaged."""
     import os
