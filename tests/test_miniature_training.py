@@ -110,7 +110,8 @@ def test_set_changes_one_config_field_with_its_type_and_names_what_is_wrong():
 
     preset = InstantIDConfig.full()
     changed = apply_overrides(preset, ["timestep_draws=3", "lr = 2", "ema_decay=None", "conditioning_channels=[8, 16]"])
-    assert (changed.timestep_draws, changed.lr, changed.ema_decay, changed.conditioning_channels) == (3, 2.0, None, (8, 16))
+    got = (changed.timestep_draws, changed.lr, changed.ema_decay, changed.conditioning_channels)
+    assert got == (3, 2.0, None, (8, 16))
     assert isinstance(changed.lr, float) and changed.steps == preset.steps  # ints widen to floats; the rest stays
     for item, says in [("timestep_draw=3", "NAME one of"), ("steps", "NAME=VALUE"), ("steps=3.5", "steps takes int"),
                        ("steps=None", "steps takes int"), ("timestep_draws=True", "takes int"),

@@ -72,7 +72,8 @@ def apply_overrides(config, overrides: list[str]):
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            raise InputError(f"--set {item!r}: {text!r} is not a Python literal (e.g. 3, 1e-3, None, (16, 32))") from None
+            raise InputError(f"--set {item!r}: {text!r} is not a Python literal "
+                             "(e.g. 3, 1e-3, None, (16, 32))") from None
         changes[name] = _as_field_type(known[name], getattr(config, name), value, item)
     return replace(config, **changes)
 
