@@ -101,14 +101,10 @@ def main(argv=None) -> None:
         if args.steps < 1:
             sys.exit(f"error: --steps must be a positive number of training steps, got {args.steps}")
         config = replace(config, steps=args.steps)
-    try:
-        config = apply_overrides(config, args.overrides)
-    except InputError as error:
-        sys.exit(f"error: {error}")
     extra = {"base_dir": args.base_dir, "track": args.track} if run is train_instantid else {}
     try:
-        report = run(config, args.out, **extra)
-    except LabError as error:  # missing weights, a corrupt checkpoint, ...: the message says what to do
+        report = run(apply_overrides(config, args.overrides), args.out, **extra)
+    except LabError as error:  # a bad --set, missing weights, a corrupt checkpoint, ...: the message says what to do
         sys.exit(f"error: {error}")
     print(json.dumps({k: v for k, v in report.items() if k not in ("config", "losses", "evals")}, indent=2))
 
