@@ -16,7 +16,8 @@ from instantid_lab.miniature.instantid import (
 )
 from instantid_lab.miniature.base import training_scheduler
 from instantid_lab.miniature.objective import (
-    TrainingBatch, denoising_loss, drop_captions, drop_paths, min_snr_v_loss, sample_timesteps,
+    IdentityTerm, TrainingBatch, clean_latents, denoising_loss, drop_captions, drop_paths, identity_distance,
+    min_snr_v_loss, sample_timesteps,
 )
 from instantid_lab.pipeline import InstantIDPipeline
 from instantid_lab.miniature.recognizer import FaceRecognizer, RecognizerConfig, load_recognizer, save_recognizer
@@ -25,7 +26,7 @@ from instantid_lab.miniature.training import (
 )
 from instantid_lab.miniature.training.autoencoder import finetune_decoder
 from instantid_lab.miniature.training.data import identity_batch, render_images
-from instantid_lab.miniature.training.instantid import instantid_loss
+from instantid_lab.miniature.training.instantid import identity_term, instantid_loss
 from instantid_lab.miniature.world import TRAIN_IDS, Caption, render_id
 
 RECOGNIZER = "recognizer_conditioner.safetensors"
@@ -166,6 +167,44 @@ def test_one_timestep_draw_is_uniform_and_more_draws_favour_the_noisy_steps():
     assert float((uniform >= 500).float().mean()) == pytest.approx(0.5, abs=0.03)
     with pytest.raises(InputError, match="draws"):
         sample_timesteps(4, 1000, torch.Generator(), draws=0)
+
+
+def test_clean_latents_solves_the_velocity_for_x0():
+    scheduler, x0, noise = training_scheduler(), torch.randn(3, 8, 4, 4), torch.randn(3, 8, 4, 4)
+    t = torch.tensor([10, 500, 990])
+    noisy, v = scheduler.add_noise(x0, noise, t), scheduler.get_velocity(x0, noise, t)
+    torch.testing.assert_close(clean_latents(noisy, v, scheduler.alphas_cumprod[t]), x0, atol=1e-4, rtol=1e-4)
+
+
+def test_identity_distance_is_one_minus_cosine_over_the_rows_that_have_an_identity():
+    targets = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]])  # row 1: identity dropped (zero)
+    embeddings = torch.tensor([[3.0, 0.0], [5.0, 5.0], [1.0, 0.0]])  # same direction, ignored, orthogonal
+    assert float(identity_distance(embeddings, targets)) == pytest.approx((0 + 1) / 2)
+    assert float(identity_distance(embeddings, torch.zeros(3, 2))) == 0  # no identity in the batch: no term
+
+
+def test_the_identity_term_adds_its_weighted_distance_and_trains_the_identity_paths(trained):
+    out, _, _ = trained
+    base = load_base(out)
+    recognizer = load_recognizer(out / RECOGNIZER)
+    data = identity_batch(base.vae, base.tokenizer, recognizer, 4, seed=4)
+    parts = InstantIDParts.build(base.unet, InstantIDConfig.quick())
+    pipe = parts.attach(base)
+    assert identity_term(base.vae, recognizer, 0.0) is None  # weight 0: the paper's loss alone
+    term = identity_term(base.vae, recognizer, 2.0)
+    loss = lambda identity: denoising_loss(pipe, data, training_scheduler(), torch.Generator().manual_seed(3),
+                                           identity=identity)
+    terms = []
+    recording = lambda clean, targets: terms.append(term(clean, targets)) or terms[-1]
+    plain, with_term = loss(None), loss(recording)
+    # same noise and timesteps: the total is the v-loss plus the weighted distance (1 - cos lies in [0, 2])
+    assert with_term.item() == pytest.approx(plain.item() + terms[0].item(), rel=1e-5)
+    assert 0 < terms[0].item() <= 2.0 * 2
+    with_term.backward()
+    resampler_grad = [p.grad for p in parts.image_proj.parameters() if p.grad is not None]
+    assert resampler_grad and any(float(g.abs().sum()) > 0 for g in resampler_grad)
+    assert all(p.grad is None for p in recognizer.parameters())  # the recogniser stays frozen
+    assert all(p.grad is None for p in base.vae.parameters())
 
 
 def test_base_quick_training_lowers_the_loss_and_saves_the_parts(trained):

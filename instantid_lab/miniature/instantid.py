@@ -64,6 +64,7 @@ class InstantIDConfig:
     identitynet_only: float = 0.0  # fraction of samples trained with the adapter off
     min_snr_gamma: float = 5.0
     timestep_draws: int = 2  # each training timestep is the noisiest of this many uniform draws (1: uniform)
+    identity_loss: float = 0.0  # weight of the identity term (`objective.IdentityTerm`; 0: the paper's loss alone)
     ema_decay: Optional[float] = 0.999  # ship the weights' moving average (None: the last weights)
     train_images: int = 24000
     checkpoint_every: int = 500

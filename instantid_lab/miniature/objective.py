@@ -18,6 +18,12 @@ Classifier-free guidance needs the model to know "no caption" and "no identity":
 replaces a caption by the empty prompt (`drop_captions`) and an identity embedding by the zero
 vector, the pipeline's negative identity (`drop_identities`), each with a small probability.
 
+An optional identity term (`IdentityTerm`, `InstantIDConfig.identity_loss`) scores what the prediction
+implies: the clean latents it solves for, x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v_theta, decoded and
+embedded by the conditioning recogniser R, against the identity embedding e it was conditioned on:
+
+    L_id = mean over rows with an identity of ( 1 - cos(R(D(x_0)), e) ),     L = L_v + lambda * L_id.
+
 Data-parallel training (several processes, `accelerate launch`): every process draws the same
 *global* batch, dropout, noise and timesteps with the same generator, then computes the loss on its
 own equal part (`Shard`); the gradients are averaged across processes, so one step equals one process
@@ -31,7 +37,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import InputError
 
@@ -157,14 +163,56 @@ def sample_timesteps(n: int, num_train_timesteps: int, generator: torch.Generato
     return t.amax(0)
 
 
+def clean_latents(noisy: Tensor, v: Tensor, alpha_bar: Tensor) -> Tensor:
+    """x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v: the clean latents a v-prediction implies.
+
+    :param noisy: x_t, shape [B, C, h, w]
+    :param v: the predicted velocity, shape [B, C, h, w]
+    :param alpha_bar: shape [B]
+    """
+    a = alpha_bar.view(-1, 1, 1, 1).to(noisy.dtype)
+    return a.sqrt() * noisy - (1 - a).sqrt() * v
+
+
+def identity_distance(embeddings: Tensor, targets: Tensor) -> Tensor:
+    """mean over rows with a target identity of 1 - cos(embeddings_b, targets_b); 0 if no row has one.
+
+    :param embeddings: raw recogniser embeddings, shape [B, E]
+    :param targets: the identity embeddings conditioned on, shape [B, E]; a zero row (dropped identity) is skipped
+    """
+    has_identity = targets.norm(dim=1) > 0  # [B]
+    distance = 1 - F.cosine_similarity(embeddings, targets, dim=1)  # [B]
+    return (distance * has_identity).sum() / has_identity.sum().clamp(min=1)
+
+
+@dataclass(frozen=True)
+class IdentityTerm:
+    """The identity term of the objective: `weight` * `identity_distance` between the conditioning
+    recogniser's embedding of the decoded clean-latent prediction and the identity conditioned on.
+
+    :param vae: the frozen autoencoder (decodes `latents / scaling_factor`).
+    :param recognizer: the frozen conditioning recogniser (reads images in [-1, 1]).
+    """
+
+    vae: nn.Module
+    recognizer: nn.Module
+    weight: float
+
+    def __call__(self, clean: Tensor, targets: Tensor) -> Tensor:
+        images = self.vae.decode(clean / self.vae.config.scaling_factor).sample  # [b, 3, H, W]
+        return self.weight * identity_distance(self.recognizer(images), targets)
+
+
 def diffusion_loss(predict: Callable[[Tensor, Tensor], Tensor], scheduler, latents: Tensor,
                    generator: torch.Generator, gamma: float = 5.0, shard: Shard = Shard(),
-                   timestep_draws: int = 1) -> Tensor:
+                   timestep_draws: int = 1, clean_loss: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Noise `latents` [B, 4, h, w] at random timesteps and score `predict(x_t, t)` with `min_snr_v_loss`.
 
     Noise and timesteps are drawn on the CPU with `generator` for the whole (global) batch, then this
     process's `shard` of it is scored (the same numbers on every device and process count).
     :param timestep_draws: each timestep is the noisiest of this many uniform draws (`sample_timesteps`).
+    :param clean_loss: if given, added to the loss: `clean_loss(x_0)` of the predicted clean latents
+        (`clean_latents`), e.g. an `IdentityTerm` on the batch's identities.
     """
     noise = shard.take(torch.randn(latents.shape, generator=generator))
     t = sample_timesteps(len(latents), scheduler.config.num_train_timesteps, generator, timestep_draws)
@@ -172,22 +220,27 @@ def diffusion_loss(predict: Callable[[Tensor, Tensor], Tensor], scheduler, laten
     t, latents = shard.take(t), shard.take(latents)
     noisy = scheduler.add_noise(latents, noise, t)
     target = scheduler.get_velocity(latents, noise, t)
-    return min_snr_v_loss(predict(noisy, t), target, alpha_bar / (1 - alpha_bar), gamma)
+    v = predict(noisy, t)
+    loss = min_snr_v_loss(v, target, alpha_bar / (1 - alpha_bar), gamma)
+    return loss if clean_loss is None else loss + clean_loss(clean_latents(noisy, v, alpha_bar))
 
 
 def denoising_loss(pipe, batch: TrainingBatch, scheduler, generator: torch.Generator, gamma: float = 5.0,
-                   shard: Shard = Shard(), timestep_draws: int = 1) -> Tensor:
+                   shard: Shard = Shard(), timestep_draws: int = 1, identity: Optional[IdentityTerm] = None) -> Tensor:
     """The objective of `pipe` (an `InstantIDPipeline`, with or without adapter and IdentityNet) on `batch`.
 
     :param batch: the global batch (already dropped); this process scores its `shard` of it.
     :param scheduler: the training (forward-process) scheduler, e.g. `base.training_scheduler()`.
     :param timestep_draws: see `sample_timesteps` (1: uniform timesteps).
+    :param identity: if given (and the batch has identities), the identity term is added.
     """
     text = pipe.text_encoder(shard.take(batch.ids)).last_hidden_state  # [b, L, C]
     kps = shard.take(batch.kps_images)
     kps = None if kps is None else kps.float() / 255  # [b, 3, H, W] in [0, 1]
     scales = {name: shard.take(getattr(batch, name)) for name in ("adapter_scale", "identitynet_scale")
               if getattr(batch, name) is not None}
-    cond = pipe.tensor_conditioning(text, shard.take(batch.embeds), kps, **scales)
+    embeds = shard.take(batch.embeds)
+    cond = pipe.tensor_conditioning(text, embeds, kps, **scales)
+    clean_loss = None if identity is None or embeds is None else (lambda clean: identity(clean, embeds))
     return diffusion_loss(lambda x, t: pipe.predict_noise(x, t, cond), scheduler, batch.latents, generator, gamma,
-                          shard, timestep_draws)
+                          shard, timestep_draws, clean_loss)

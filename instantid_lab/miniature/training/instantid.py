@@ -18,7 +18,7 @@ from ...images import image_sheet
 from ..base import load_base, tokenize, training_scheduler
 from ..evaluate import HeldoutTask, Judges, evaluate_ablations, generate
 from ..instantid import InstantIDConfig, InstantIDParts, load_miniature
-from ..objective import Shard, denoising_loss, drop_conditions, drop_paths
+from ..objective import IdentityTerm, Shard, denoising_loss, drop_conditions, drop_paths
 from ..recognizer import load_recognizer
 from .data import cached, identity_batch
 from .loop import LoopSettings, is_main_process, train_loop, training_device
@@ -48,7 +48,8 @@ def train_instantid(config: InstantIDConfig, out: Path, stop_after: Optional[int
     on_checkpoint = identity_tracker(pipe, base_dir, track) if track else None
     settings = LoopSettings(config.steps, config.lr, config.warmup, ema_decay=config.ema_decay,
                             checkpoint_every=config.checkpoint_every)
-    state = train_loop("instantid", parts, instantid_loss(pipe, data, config), settings, out, stop_after=stop_after,
+    identity = identity_term(base.vae, conditioner, config.identity_loss)
+    state = train_loop("instantid", parts, instantid_loss(pipe, data, config, identity), settings, out, stop_after=stop_after,
                        progress=progress, on_checkpoint=on_checkpoint)
     if not state.finished:
         return unfinished(state)
@@ -62,17 +63,26 @@ def train_instantid(config: InstantIDConfig, out: Path, stop_after: Optional[int
         **evaluate_instantid(base_dir, config.eval_identities, instantid=out)})
 
 
-def instantid_loss(pipe, data, config: InstantIDConfig) -> Callable:
+def identity_term(vae, conditioner, weight: float) -> Optional[IdentityTerm]:
+    """The objective's identity term on the frozen autoencoder and conditioning recogniser (None if `weight` is 0)."""
+    if weight == 0:
+        return None
+    conditioner = conditioner.to(vae.device).eval().requires_grad_(False)
+    return IdentityTerm(vae.eval().requires_grad_(False), conditioner, weight)
+
+
+def instantid_loss(pipe, data, config: InstantIDConfig, identity: Optional[IdentityTerm] = None) -> Callable:
     """`loss_fn` for `train_loop`: `denoising_loss` of `pipe` on a random batch of `data` (a `TrainingBatch`),
     captions and identities dropped (`config.caption_dropout`, `config.identity_dropout`), one identity path
-    off for some samples (`config.adapter_only`, `config.identitynet_only`)."""
+    off for some samples (`config.adapter_only`, `config.identitynet_only`), plus `identity` if given."""
     scheduler, empty = training_scheduler(), tokenize(pipe.tokenizer, [""])[0]
 
     def loss_fn(generator: torch.Generator, shard: Shard) -> torch.Tensor:
         index = torch.randint(len(data), (config.batch_size,), generator=generator)
         batch = drop_conditions(data.rows(index), empty, config.caption_dropout, config.identity_dropout, generator)
         batch = drop_paths(batch, config.adapter_only, config.identitynet_only, generator)
-        return denoising_loss(pipe, batch, scheduler, generator, config.min_snr_gamma, shard, config.timestep_draws)
+        return denoising_loss(pipe, batch, scheduler, generator, config.min_snr_gamma, shard, config.timestep_draws,
+                              identity)
 
     return loss_fn
 
