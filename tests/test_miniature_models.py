@@ -16,8 +16,8 @@ from instantid_lab.miniature.instantid import (
 )
 from instantid_lab.miniature.base import training_scheduler
 from instantid_lab.miniature.objective import (
-    IdentityTerm, TrainingBatch, clean_latents, denoising_loss, drop_captions, drop_paths, identity_distance,
-    min_snr_v_loss, sample_timesteps,
+    TrainingBatch, clean_latents, denoising_loss, drop_captions, drop_paths, identity_distance, min_snr_v_loss,
+    sample_timesteps,
 )
 from instantid_lab.pipeline import InstantIDPipeline
 from instantid_lab.miniature.recognizer import FaceRecognizer, RecognizerConfig, load_recognizer, save_recognizer

@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from instantid_lab.errors import InputError
 from instantid_lab.miniature.autoencoder import AutoencoderConfig
 from instantid_lab.miniature.base import BaseConfig
 from instantid_lab.miniature.inspector import InspectorConfig
 from instantid_lab.miniature.instantid import InstantIDConfig
 from instantid_lab.miniature.recognizer import FaceRecognizer, RecognizerConfig, save_recognizer
+from instantid_lab.miniature.train import apply_overrides
 from instantid_lab.miniature.training import checkpoint_path, train_autoencoder, train_base, train_instantid
 from instantid_lab.miniature.training.data import labelled_renders
 from instantid_lab.miniature.training.inspector import train_inspector
@@ -104,10 +106,6 @@ def test_the_training_cli_reports_missing_parts_in_one_line_without_a_traceback(
 
 
 def test_set_changes_one_config_field_with_its_type_and_names_what_is_wrong():
-    from instantid_lab.errors import InputError
-    from instantid_lab.miniature.instantid import InstantIDConfig
-    from instantid_lab.miniature.train import apply_overrides
-
     preset = InstantIDConfig.full()
     changed = apply_overrides(preset, ["timestep_draws=3", "lr = 2", "ema_decay=None", "conditioning_channels=[8, 16]"])
     got = (changed.timestep_draws, changed.lr, changed.ema_decay, changed.conditioning_channels)

@@ -49,8 +49,8 @@ def train_instantid(config: InstantIDConfig, out: Path, stop_after: Optional[int
     settings = LoopSettings(config.steps, config.lr, config.warmup, ema_decay=config.ema_decay,
                             checkpoint_every=config.checkpoint_every)
     identity = identity_term(base.vae, conditioner, config.identity_loss)
-    state = train_loop("instantid", parts, instantid_loss(pipe, data, config, identity), settings, out, stop_after=stop_after,
-                       progress=progress, on_checkpoint=on_checkpoint)
+    state = train_loop("instantid", parts, instantid_loss(pipe, data, config, identity), settings, out,
+                       stop_after=stop_after, progress=progress, on_checkpoint=on_checkpoint)
     if not state.finished:
         return unfinished(state)
     if not is_main_process():
