@@ -156,6 +156,15 @@ def test_min_snr_weight_is_min_snr_gamma_over_snr_plus_one():
     assert float(min_snr_v_loss(pred[:1], target[:1], torch.tensor([100.0]))) == pytest.approx(5 / 101)
 
 
+def test_no_gamma_weighs_every_timestep_alike():
+    pred, target = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
+    target[1] = 2  # squared errors 1 and 1
+    for snr in (torch.tensor([1e-4, 1.0]), torch.tensor([100.0, 0.01])):
+        assert float(min_snr_v_loss(pred, target, snr, gamma=None)) == pytest.approx(1.0)
+    assert float(min_snr_v_loss(pred, target, torch.tensor([1e-4, 1e-4]))) < 1e-3  # min-SNR: the noisiest ~ 0
+
+
+
 def test_one_timestep_draw_is_uniform_and_more_draws_favour_the_noisy_steps():
     uniform = sample_timesteps(4000, 1000, torch.Generator().manual_seed(0))
     assert torch.equal(uniform, torch.randint(0, 1000, (4000,), generator=torch.Generator().manual_seed(0)))

@@ -111,6 +111,7 @@ def test_set_changes_one_config_field_with_its_type_and_names_what_is_wrong():
     got = (changed.timestep_draws, changed.lr, changed.ema_decay, changed.conditioning_channels)
     assert got == (3, 2.0, None, (8, 16))
     assert isinstance(changed.lr, float) and changed.steps == preset.steps  # ints widen to floats; the rest stays
+    assert apply_overrides(preset, ["min_snr_gamma=None"]).min_snr_gamma is None  # the plain v-prediction loss
     for item, says in [("timestep_draw=3", "NAME one of"), ("steps", "NAME=VALUE"), ("steps=3.5", "steps takes int"),
                        ("steps=None", "steps takes int"), ("timestep_draws=True", "takes int"),
                        ("lr=fast", "not a Python literal"), ("ema_decay='x'", "float or None")]:

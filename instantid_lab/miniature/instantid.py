@@ -62,7 +62,7 @@ class InstantIDConfig:
     identity_dropout: float = 0.1  # zero embedding: what the pipeline's negative identity uses
     adapter_only: float = 0.0  # fraction of samples trained with IdentityNet off (`objective.drop_paths`)
     identitynet_only: float = 0.0  # fraction of samples trained with the adapter off
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: Optional[float] = 5.0  # None: the plain v-prediction loss (`objective.min_snr_v_loss`)
     timestep_draws: int = 2  # each training timestep is the noisiest of this many uniform draws (1: uniform)
     identity_loss: float = 0.0  # weight of the identity term (`objective.IdentityTerm`; 0: the paper's loss alone)
     ema_decay: Optional[float] = 0.999  # ship the weights' moving average (None: the last weights)

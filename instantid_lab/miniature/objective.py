@@ -139,14 +139,18 @@ def drop_paths(batch: TrainingBatch, adapter_only: float, identitynet_only: floa
     return replace(batch, adapter_scale=(~adapter_off).float(), identitynet_scale=(~identitynet_off).float())
 
 
-def min_snr_v_loss(v_pred: Tensor, v_target: Tensor, snr: Tensor, gamma: float = 5.0) -> Tensor:
+def min_snr_v_loss(v_pred: Tensor, v_target: Tensor, snr: Tensor, gamma: Optional[float] = 5.0) -> Tensor:
     """L = mean_b[ min(SNR_b, gamma) / (SNR_b + 1) * mean |v_pred - v|^2 ]  (min-SNR weighting for v-prediction).
 
+    gamma = None drops the weighting (every timestep weighs 1: the plain v-prediction loss). min-SNR gives
+    the noisiest steps, where SNR -> 0, a weight near 0; the plain loss gives them the same weight as any other.
     :param v_pred: shape [B, C, h, w]
     :param v_target: shape [B, C, h, w]
     :param snr: shape [B]
     """
     per_sample = F.mse_loss(v_pred, v_target, reduction="none").flatten(1).mean(1)  # [B]
+    if gamma is None:
+        return per_sample.mean()
     return (snr.clamp(max=gamma) / (snr + 1) * per_sample).mean()
 
 
@@ -204,7 +208,7 @@ class IdentityTerm:
 
 
 def diffusion_loss(predict: Callable[[Tensor, Tensor], Tensor], scheduler, latents: Tensor,
-                   generator: torch.Generator, gamma: float = 5.0, shard: Shard = Shard(),
+                   generator: torch.Generator, gamma: Optional[float] = 5.0, shard: Shard = Shard(),
                    timestep_draws: int = 1, clean_loss: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Noise `latents` [B, 4, h, w] at random timesteps and score `predict(x_t, t)` with `min_snr_v_loss`.
 
@@ -225,7 +229,7 @@ def diffusion_loss(predict: Callable[[Tensor, Tensor], Tensor], scheduler, laten
     return loss if clean_loss is None else loss + clean_loss(clean_latents(noisy, v, alpha_bar))
 
 
-def denoising_loss(pipe, batch: TrainingBatch, scheduler, generator: torch.Generator, gamma: float = 5.0,
+def denoising_loss(pipe, batch: TrainingBatch, scheduler, generator: torch.Generator, gamma: Optional[float] = 5.0,
                    shard: Shard = Shard(), timestep_draws: int = 1, identity: Optional[IdentityTerm] = None) -> Tensor:
     """The objective of `pipe` (an `InstantIDPipeline`, with or without adapter and IdentityNet) on `batch`.
 
