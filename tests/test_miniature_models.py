@@ -164,7 +164,6 @@ def test_no_gamma_weighs_every_timestep_alike():
     assert float(min_snr_v_loss(pred, target, torch.tensor([1e-4, 1e-4]))) < 1e-3  # min-SNR: the noisiest ~ 0
 
 
-
 def test_one_timestep_draw_is_uniform_and_more_draws_favour_the_noisy_steps():
     uniform = sample_timesteps(4000, 1000, torch.Generator().manual_seed(0))
     assert torch.equal(uniform, torch.randint(0, 1000, (4000,), generator=torch.Generator().manual_seed(0)))
