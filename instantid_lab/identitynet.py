@@ -68,7 +68,7 @@ def identitynet_sdxl(**overrides):
 
 
 def identitynet_from_unet(unet, conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256),
-                          copy_weights: bool = True):
+                          copy_weights: bool = True, attend_at_every_level: bool = False):
     """An IdentityNet shaped like `unet`'s encoder (the ControlNet recipe), e.g. for the miniature.
 
     Build it BEFORE identity processors are installed on `unet`: the copied encoder weights must
@@ -78,6 +78,10 @@ def identitynet_from_unet(unet, conditioning_embedding_out_channels: Sequence[in
     :param conditioning_embedding_out_channels: channels of the keypoint-image encoder; its
         length - 1 is the number of 2x downsamplings, which must equal log2 of the VAE factor.
     :param copy_weights: start from the UNet's encoder weights (True) or from random ones.
+    :param attend_at_every_level: give every encoder level cross-attention to the identity tokens, also
+        those where the UNet has none (the released IdentityNet and the miniature's have none at the
+        top level). The added blocks start with a zero output projection, so the copy starts as the
+        UNet's encoder did.
     :raises InputError: the UNet already carries identity processors with parameters.
     """
     from diffusers import ControlNetModel
@@ -93,7 +97,24 @@ def identitynet_from_unet(unet, conditioning_embedding_out_channels: Sequence[in
         load_weights_from_unet=copy_weights,
     )
     _copy_pooling_heads(unet, net, copy_weights)
-    return net
+    return _attending_at_every_level(net) if attend_at_every_level else net
+
+
+def _attending_at_every_level(net):
+    """`net` with cross-attention in every down block; its weights carried over, the new blocks silent."""
+    from diffusers import ControlNetModel
+
+    types = ["CrossAttnDownBlock2D"] * len(net.config.down_block_types)
+    attending = ControlNetModel.from_config({**net.config, "down_block_types": types})
+    missing, unexpected = attending.load_state_dict(net.state_dict(), strict=False)
+    if unexpected or any(".attentions." not in key for key in missing):
+        raise RuntimeError(f"IdentityNet layouts differ beyond the added attention: {unexpected or missing}")
+    for block, old_type in zip(attending.down_blocks, net.config.down_block_types):
+        if old_type != "CrossAttnDownBlock2D":
+            for attention in block.attentions:
+                nn.init.zeros_(attention.proj_out.weight)
+                nn.init.zeros_(attention.proj_out.bias)
+    return attending
 
 
 def _copy_pooling_heads(unet, net, copy_weights: bool) -> None:

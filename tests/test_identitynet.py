@@ -59,6 +59,25 @@ def test_identitynet_from_unet_copies_the_encoder_and_refuses_after_the_adapter(
         identitynet_from_unet(unet)
 
 
+def test_identitynet_attending_at_every_level_starts_as_the_plain_copy(inputs):
+    unet = tiny_unet(TinyConfig.sdxl(), seed=0)
+    plain = identitynet_from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    attending = identitynet_from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16), attend_at_every_level=True)
+    assert unet.config.down_block_types[0] == "DownBlock2D" and not hasattr(plain.down_blocks[0], "attentions")
+    assert len(attending.down_blocks[0].attentions) == unet.config.layers_per_block
+    assert torch.equal(attending.down_blocks[0].resnets[0].conv1.weight, unet.down_blocks[0].resnets[0].conv1.weight)
+    torch.manual_seed(1)
+    for zero_conv in [*plain.controlnet_down_blocks, plain.controlnet_mid_block]:  # make the residuals non-zero
+        torch.nn.init.normal_(zero_conv.weight, std=0.1)
+    attending.load_state_dict(plain.state_dict(), strict=False)
+    (down_plain, mid_plain), (down_attending, mid_attending) = residuals(plain, inputs), residuals(attending, inputs)
+    assert down_plain[0].abs().max() > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(down_plain, down_attending))
+    torch.nn.init.normal_(attending.down_blocks[0].attentions[0].proj_out.weight, std=0.1)  # the new block now speaks
+    down_changed, _ = residuals(attending, inputs)
+    assert not torch.allclose(down_changed[1], down_plain[1], atol=1e-4)
+
+
 def test_per_sample_scale_equals_each_samples_float_scale(components, inputs):
     net = components["controlnet"]
     down, mid = residuals(net, inputs, scale=torch.tensor([0.0, 0.7]))

@@ -54,6 +54,7 @@ class InstantIDConfig:
     resampler_depth: int = 2
     embedding_dim: int = 64  # the conditioning recogniser's output
     conditioning_channels: tuple = (16, 32)  # one 2x downsampling: 32 px keypoint image -> 16x16 latents
+    identitynet_attends_everywhere: bool = False  # IdentityNet also attends to the identity at 16x16 (the UNet does not)
     steps: int = 9600
     batch_size: int = 32
     lr: float = 1e-3
@@ -92,7 +93,8 @@ class InstantIDParts(nn.Module):
         """Freeze `unet`, copy IdentityNet from its encoder, THEN install the adapter on it (in place)."""
         unet.requires_grad_(False)
         torch.manual_seed(seed)
-        identitynet = identitynet_from_unet(unet, conditioning_embedding_out_channels=config.conditioning_channels)
+        identitynet = identitynet_from_unet(unet, conditioning_embedding_out_channels=config.conditioning_channels,
+                                            attend_at_every_level=config.identitynet_attends_everywhere)
         identitynet.requires_grad_(True)
         processors = install_adapter(unet)
         resampler = Resampler(ResamplerConfig.mini(
