@@ -72,7 +72,7 @@ def test_identitynet_attending_at_every_level_starts_as_the_plain_copy(inputs):
     attending.load_state_dict(plain.state_dict(), strict=False)
     (down_plain, mid_plain), (down_attending, mid_attending) = residuals(plain, inputs), residuals(attending, inputs)
     assert down_plain[0].abs().max() > 0
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(down_plain, down_attending))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip([*down_plain, mid_plain], [*down_attending, mid_attending]))
     torch.nn.init.normal_(attending.down_blocks[0].attentions[0].proj_out.weight, std=0.1)  # the new block now speaks
     down_changed, _ = residuals(attending, inputs)
     assert not torch.allclose(down_changed[1], down_plain[1], atol=1e-4)
