@@ -20,14 +20,15 @@ from instantid_lab.miniature.objective import (
     sample_timesteps,
 )
 from instantid_lab.pipeline import InstantIDPipeline
-from instantid_lab.miniature.recognizer import FaceRecognizer, RecognizerConfig, load_recognizer, save_recognizer
+from instantid_lab.miniature.recognizer import (FaceRecognizer, RecognizerConfig, embed_images, load_recognizer,
+                                                save_recognizer)
 from instantid_lab.miniature.training import (
     LoopSettings, checkpoint_path, train_autoencoder, train_base, train_instantid, train_loop,
 )
 from instantid_lab.miniature.training.autoencoder import finetune_decoder
 from instantid_lab.miniature.training.data import identity_batch, render_images
 from instantid_lab.miniature.training.instantid import identity_term, instantid_loss
-from instantid_lab.miniature.world import TRAIN_IDS, Caption, render_id
+from instantid_lab.miniature.world import TRAIN_IDS, Caption, images_to_tensor, random_samples, render_id
 
 RECOGNIZER = "recognizer_conditioner.safetensors"
 
@@ -148,6 +149,20 @@ def test_a_sample_trained_with_identitynet_off_gets_the_loss_of_a_pipeline_witho
         adapter_only = drop_paths(data, 1.0, 0.0, torch.Generator())
         assert loss(with_identitynet, adapter_only) == pytest.approx(loss(without, replace(data, kps_images=None)), rel=1e-5)
         assert loss(with_identitynet, data) != pytest.approx(loss(with_identitynet, adapter_only), rel=1e-3)
+
+
+def test_other_reference_embeds_another_render_of_the_same_identity(trained):
+    out, _, _ = trained
+    base, conditioner = load_base(out), load_recognizer(out / RECOGNIZER)
+    same = identity_batch(base.vae, base.tokenizer, conditioner, 6, seed=4)
+    other = identity_batch(base.vae, base.tokenizer, conditioner, 6, seed=4, other_reference=1.0)
+    samples = random_samples(TRAIN_IDS, 6, seed=4)
+    assert torch.equal(same.latents, other.latents) and torch.equal(same.kps_images, other.kps_images)
+    own = embed_images(conditioner, images_to_tensor([s.image for s in samples]))
+    assert torch.allclose(same.embeds, own, atol=1e-6)  # the default embeds the training image itself
+    assert not torch.allclose(other.embeds, own, atol=1e-3)  # another render: another pose and caption
+    again = identity_batch(base.vae, base.tokenizer, conditioner, 6, seed=4, other_reference=1.0)
+    assert torch.equal(other.embeds, again.embeds)  # seeded
 
 
 def test_min_snr_weight_is_min_snr_gamma_over_snr_plus_one():

@@ -66,6 +66,7 @@ class InstantIDConfig:
     min_snr_gamma: Optional[float] = 5.0  # None: the plain v-prediction loss (`objective.min_snr_v_loss`)
     timestep_draws: int = 2  # each training timestep is the noisiest of this many uniform draws (1: uniform)
     identity_loss: float = 0.0  # weight of the identity term (`objective.IdentityTerm`; 0: the paper's loss alone)
+    other_reference: float = 0.0  # fraction of training embeddings taken from another render of the identity
     ema_decay: Optional[float] = 0.999  # ship the weights' moving average (None: the last weights)
     train_images: int = 24000
     checkpoint_every: int = 500

@@ -56,13 +56,20 @@ def caption_batch(vae, tokenizer, n: int, seed: int, identity_ids=TRAIN_IDS) -> 
 
 
 @torch.no_grad()
-def identity_batch(vae, tokenizer, conditioner, n: int, seed: int, identity_ids=TRAIN_IDS) -> TrainingBatch:
+def identity_batch(vae, tokenizer, conditioner, n: int, seed: int, identity_ids=TRAIN_IDS,
+                   other_reference: float = 0.0) -> TrainingBatch:
     """`n` random renders as an InstantID training batch: latents, caption ids, the conditioning
-    recogniser's embeddings of the same images and their keypoint images (uint8)."""
+    recogniser's identity embeddings and the keypoint images (uint8).
+
+    :param other_reference: the fraction of samples whose embedding comes from another render of the same
+        identity (own random pose and caption, as the evaluation's reference is); the rest embed the image itself.
+    """
     batch, samples = caption_batch(vae, tokenizer, n, seed, identity_ids)
-    images = images_to_tensor([s.image for s in samples])
-    kps = keypoint_tensor(np.stack([s.kps for s in samples]))
-    return TrainingBatch(batch.latents, batch.ids, embed_images(conditioner, images), kps)
+    rng = np.random.default_rng([seed, 1])
+    references = [render_id(s.identity_id, Pose.sample(rng), Caption.sample(rng)) if rng.random() < other_reference
+                  else s for s in samples]
+    embeddings = embed_images(conditioner, images_to_tensor([r.image for r in references]))
+    return TrainingBatch(batch.latents, batch.ids, embeddings, keypoint_tensor(np.stack([s.kps for s in samples])))
 
 
 def cached(path: Path, build: Callable[[], TrainingBatch]) -> TrainingBatch:

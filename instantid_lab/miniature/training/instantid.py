@@ -41,8 +41,9 @@ def train_instantid(config: InstantIDConfig, out: Path, stop_after: Optional[int
     Path(out).mkdir(parents=True, exist_ok=True)
     base = load_base(base_dir).to(training_device())
     conditioner = load_recognizer(base_dir / CONDITIONER)
-    data = cached(Path(out) / "instantid_data.pt",
-                  lambda: identity_batch(base.vae, base.tokenizer, conditioner, config.train_images, seed=4))
+    cache = "instantid_data.pt" if config.other_reference == 0 else f"instantid_data_other{config.other_reference:g}.pt"
+    data = cached(Path(out) / cache, lambda: identity_batch(base.vae, base.tokenizer, conditioner, config.train_images,
+                                                            seed=4, other_reference=config.other_reference))
     parts = InstantIDParts.build(base.unet, config)
     pipe = parts.attach(base)
     on_checkpoint = identity_tracker(pipe, base_dir, track) if track else None
