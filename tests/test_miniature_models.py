@@ -163,6 +163,8 @@ def test_other_reference_embeds_another_render_of_the_same_identity(trained):
     assert not torch.allclose(other.embeds, own, atol=1e-3)  # another render: another pose and caption
     again = identity_batch(base.vae, base.tokenizer, conditioner, 6, seed=4, other_reference=1.0)
     assert torch.equal(other.embeds, again.embeds)  # seeded
+    with pytest.raises(InputError, match="other_reference"):
+        identity_batch(base.vae, base.tokenizer, conditioner, 6, seed=4, other_reference=1.5)
 
 
 def test_min_snr_weight_is_min_snr_gamma_over_snr_plus_one():

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ...errors import CheckpointError
+from ...errors import CheckpointError, InputError
 from ..autoencoder import encode
 from ..base import tokenize
 from ..instantid import keypoint_tensor
@@ -64,6 +64,9 @@ def identity_batch(vae, tokenizer, conditioner, n: int, seed: int, identity_ids=
     :param other_reference: the fraction of samples whose embedding comes from another render of the same
         identity (own random pose and caption, as the evaluation's reference is); the rest embed the image itself.
     """
+    if not 0.0 <= other_reference <= 1.0:
+        raise InputError(f"other_reference ({other_reference}) is a fraction of the samples: give a number from 0 "
+                         "(every embedding from the training image itself) to 1 (every one from another render)")
     batch, samples = caption_batch(vae, tokenizer, n, seed, identity_ids)
     rng = np.random.default_rng([seed, 1])
     references = [render_id(s.identity_id, Pose.sample(rng), Caption.sample(rng)) if rng.random() < other_reference
