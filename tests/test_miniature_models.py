@@ -151,7 +151,7 @@ def test_a_sample_trained_with_identitynet_off_gets_the_loss_of_a_pipeline_witho
         assert loss(with_identitynet, data) != pytest.approx(loss(with_identitynet, adapter_only), rel=1e-3)
 
 
-def test_other_reference_embeds_another_render_of_the_same_identity(trained):
+def test_other_reference_embeds_other_renders_and_keeps_the_training_images(trained):
     out, _, _ = trained
     base, conditioner = load_base(out), load_recognizer(out / RECOGNIZER)
     same = identity_batch(base.vae, base.tokenizer, conditioner, 6, seed=4)
